@@ -239,7 +239,7 @@ def _fit(loss_fn, x: Tensor, opt: torch.optim.Optimizer, epochs: int, batch_size
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot, cnt = tot + float(loss) * xb.shape[0], cnt + xb.shape[0]
+            tot, cnt = tot + float(loss.detach()) * xb.shape[0], cnt + xb.shape[0]
         losses.append(tot / max(cnt, 1))
         if on_epoch is not None:
             on_epoch()
