@@ -86,9 +86,10 @@ def test_ci_pipeline_end_to_end(tmp_path):
     out = tmp_path / "ci"
     report = run(PRESETS["ci"], "embedded", out=str(out), seed=0, progress=False)
     ch = report["results"]["checks"]
-    # (a) baseline DA misaligns both cases, measurably.
-    assert all(v > 0 for v in ch["misalignment_drop_tx_db"].values())
-    assert all(v > 0 for v in ch["misalignment_drop_rx_db"].values())
+    # (a) baseline DA misaligns both cases, measurably (mean over domains per case).
+    for side in ("tx", "rx"):
+        drops = list(ch[f"misalignment_drop_{side}_db"].values())
+        assert len(drops) == 4 and sum(drops) / 4 > 0.5, (side, drops)
     assert ch["a_baseline_da_misaligns"]
     # (b) ZFDA switched off: exactly zero drop, bit-identical outputs.
     assert all(v == 0.0 for v in ch["zfda_switched_off_drop_db"].values()) and ch["b_zfda_off_exact"]
