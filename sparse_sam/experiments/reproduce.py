@@ -91,10 +91,10 @@ PRESETS = {
         pretrain=M.TrainConfig(epochs=6, lr=3e-3, batch_size=64),
         da=M.TrainConfig(epochs=8, lr=1e-3, batch_size=64),
         zfda=M.ZFDAConfig(sparsity=0.01, epochs=8, lr_scores=0.05, lr_delta=1e-3),
-        gammas=(0.003, 0.01), ablation_epochs=4,
+        gammas=(0.003, 0.01), ablation_epochs=3,
         tuning=M.RealignConfig(n_samples=1024, steps=8, lr=1e-3),
-        equalizer=M.RealignConfig(n_samples=1024, epochs=8, lr=1e-3),
-        slf=M.SLFConfig(n_samples=1024, epochs=3, lr=1e-3), slf_frozen=(0, 3),
+        equalizer=M.RealignConfig(n_samples=1024, epochs=5, lr=1e-3),
+        slf=M.SLFConfig(n_samples=1024, epochs=2, lr=1e-3), slf_frozen=(0, 3),
         optimiser_ablation=_optimiser_rows(0.05, full=False)),
     # For tests: tiny everything, every method and domain still runs.
     "ci": Preset(
@@ -394,7 +394,7 @@ def tables_md(report: dict) -> str:
         L.append(f"| {r['gamma']:.2%} | {r['num_modified']} | {_fmt_bytes(r['model_bytes'])} | "
                  f"{_fmt_bytes(r['patch_bytes']['fp32'])} | {r['patch_ratio']['fp32']:.2%} | "
                  f"{_fmt_bytes(r['patch_bytes']['compact'])} | {r['patch_ratio']['compact']:.2%} | "
-                 f"{r['compact_psnr_cost_db']:.4f} dB |")
+                 f"{round(r['compact_psnr_cost_db'], 4) + 0.0:.4f} dB |")
     L += ["", "## Checks", "",
           f"- (a) baseline DA misaligns both Tx-adapted and Rx-adapted pairs (> 0.5 dB mean drop per case): "
           f"**{ch['a_baseline_da_misaligns']}**",
