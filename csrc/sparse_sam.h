@@ -38,11 +38,14 @@ SPARSE_SAM_HD bool key_is_nan(typename T::key_t u) {
   return typename T::key_t(u & typename T::key_t(~T::kSign)) > T::kInf;
 }
 
+// Branch-free so that CPU loops over it vectorise: negative floats flip all bits, others the sign bit.
 template <typename T>
 SPARSE_SAM_HD typename T::key_t order_key(typename T::key_t u) {
   using U = typename T::key_t;
+  using S = std::make_signed_t<U>;
   u = (u == T::kSign) ? U(0) : u;  // -0.0 ties with +0.0
-  return (u & T::kSign) ? U(~u) : U(u | T::kSign);
+  const U negative = static_cast<U>(static_cast<S>(u) >> (T::kBits - 1));
+  return U(u ^ (negative | T::kSign));
 }
 
 // Calls f(KeyTraits{}) for the key traits of a floating dtype.

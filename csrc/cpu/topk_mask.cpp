@@ -81,11 +81,18 @@ bool select_parallel(const typename T::key_t* bits, bool* out, int64_t n, int64_
   std::atomic<bool> nan{false};
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     uint32_t* h = hist.data() + static_cast<int64_t>(at::get_thread_num()) * nbins;
-    bool local_nan = false;
-    for (int64_t i = c0 * kChunk, e = std::min(n, c1 * kChunk); i < e; ++i) {
-      const U u = bits[i];
-      local_nan |= key_is_nan<T>(u);
-      ++h[order_key<T>(u) >> shift];
+    // Bins are computed a block at a time in a loop that vectorises; only the increments are scalar.
+    constexpr int64_t kBlock = 1024;
+    uint16_t bin[kBlock];
+    int local_nan = 0;
+    for (int64_t b = c0 * kChunk, e = std::min(n, c1 * kChunk); b < e; b += kBlock) {
+      const int64_t len = std::min(kBlock, e - b);
+      for (int64_t j = 0; j < len; ++j) {
+        const U u = bits[b + j];
+        local_nan |= key_is_nan<T>(u);
+        bin[j] = static_cast<uint16_t>(order_key<T>(u) >> shift);
+      }
+      for (int64_t j = 0; j < len; ++j) ++h[bin[j]];
     }
     if (local_nan) nan = true;
   });
@@ -106,9 +113,16 @@ bool select_parallel(const typename T::key_t* bits, bool* out, int64_t n, int64_
   const int64_t r = k - above;
   const U ub = static_cast<U>(bucket);
 
+  uint8_t* out8 = reinterpret_cast<uint8_t*>(out);  // byte stores vectorise, bool stores do not
   if (r == count) {  // the whole bucket is in: no candidates to resolve
     at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) out[i] = U(order_key<T>(bits[i]) >> shift) >= ub;
+      // Locals, not captures: byte stores may alias anything, so captured values would be reloaded
+      // every iteration and the loop would not vectorise.
+      const U* const src = bits;
+      uint8_t* const dst = out8;
+      const int sh = shift;
+      const U bucket_id = ub;
+      for (int64_t i = b; i < e; ++i) dst[i] = U(order_key<T>(src[i]) >> sh) >= bucket_id;
     });
     return true;
   }
@@ -116,11 +130,22 @@ bool select_parallel(const typename T::key_t* bits, bool* out, int64_t n, int64_
   std::vector<std::vector<U>> ckeys(nchunks);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
+      const int64_t b = c * kChunk, e = std::min(n, (c + 1) * kChunk);
+      const U* const src = bits;  // locals: see above
+      uint8_t* const dst = out8;
+      const int sh = shift;
+      const U bucket_id = ub;
+      int in_bucket = 0;
+      for (int64_t i = b; i < e; ++i) {
+        const U kb = U(order_key<T>(src[i]) >> sh);
+        dst[i] = kb > bucket_id;
+        in_bucket |= kb == bucket_id;
+      }
+      if (!in_bucket) continue;
+      // The chunk is still in cache: collect its candidates in a second, scalar scan.
+      for (int64_t i = b; i < e; ++i) {
         const U key = order_key<T>(bits[i]);
-        const U kb = U(key >> shift);
-        out[i] = kb > ub;
-        if (kb == ub) {
+        if (U(key >> shift) == ub) {
           cand[c].push_back(i);
           ckeys[c].push_back(key);
         }
