@@ -74,6 +74,21 @@ def test_topk_extreme_values(cpp):
     assert_masks_equal(cpp.topk_mask([big, small], ks, None), reference.topk_mask_ref([big, small], ks))
 
 
+@pytest.mark.parametrize("frac", [0.005, 0.05, 0.9])
+def test_topk_adversarial_to_sampling(cpp, frac):
+    """Scores whose regular subsample is unrepresentative (large values exactly on a stride) and
+    sorted / constant layers: whatever shortcut a kernel takes, the mask must stay exact."""
+    g = gen(12)
+    n = 64 * 1500
+    strided = torch.rand(n, generator=g)
+    for offset in (0, 31, 32, 63):
+        strided[offset::64] += 100.0
+    scores = [strided, torch.linspace(-3, 3, n), torch.linspace(3, -3, n), torch.full((n,), 0.25),
+              torch.randn(n, generator=g).sort().values.flip(0).contiguous()]
+    ks = [int(frac * n)] * len(scores)
+    assert_masks_equal(cpp.topk_mask(scores, ks, None), reference.topk_mask_ref(scores, ks))
+
+
 def test_topk_k_zero_full_and_size_one(cpp):
     g = gen(3)
     scores = [torch.randn(s, generator=g) for s in [(1,), (1,), (50,), (50,), (400_000,), (400_000,)]]

@@ -29,27 +29,25 @@ IndexStats index_stats(const I* idx, int64_t n) {
 }
 
 template <typename U, typename I>
-void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t n) {
+void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
   // misses in flight.
   constexpr int64_t kAhead = 16;
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) __builtin_prefetch(w + idx[j + kAhead], 1);
-      U* p = w + idx[j];
-      const U old = *p;
-      *p = val[j];
-      val[j] = old;
-    }
-  });
+  for (int64_t j = b; j < e; ++j) {
+    if (j + kAhead < e) __builtin_prefetch(w + idx[j + kAhead], 1);
+    U* p = w + idx[j];
+    const U old = *p;
+    *p = val[j];
+    val[j] = old;
+  }
 }
 
 template <typename U>
-void swap_layer(const at::Tensor& w, const at::Tensor& idx, const at::Tensor& val) {
+void swap_range(const at::Tensor& w, const at::Tensor& idx, const at::Tensor& val, int64_t b, int64_t e) {
   U* wp = static_cast<U*>(w.data_ptr());
   U* vp = static_cast<U*>(val.data_ptr());
-  if (idx.scalar_type() == at::kLong) swap_bits<U>(wp, idx.const_data_ptr<int64_t>(), vp, idx.numel());
-  else swap_bits<U>(wp, idx.const_data_ptr<int32_t>(), vp, idx.numel());
+  if (idx.scalar_type() == at::kLong) swap_bits<U>(wp, idx.const_data_ptr<int64_t>(), vp, b, e);
+  else swap_bits<U>(wp, idx.const_data_ptr<int32_t>(), vp, b, e);
 }
 
 }  // namespace
@@ -60,25 +58,32 @@ void swap_cpu(at::TensorList weights, at::TensorList indices, at::TensorList val
   std::vector<at::Tensor> idx(L);
   std::vector<IndexStats> stats(L);
   for (int64_t i = 0; i < L; ++i) idx[i] = indices[i].contiguous();
-  at::parallel_for(0, L, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      stats[i] = idx[i].scalar_type() == at::kLong ? index_stats(idx[i].const_data_ptr<int64_t>(), idx[i].numel())
-                                                   : index_stats(idx[i].const_data_ptr<int32_t>(), idx[i].numel());
-    }
-  });
+  // Validation reads the indices once, sequentially: cheap next to the scattered exchange, so it runs
+  // on this thread (a parallel region costs more than it saves when the machine is busy).
+  for (int64_t i = 0; i < L; ++i) {
+    stats[i] = idx[i].scalar_type() == at::kLong ? index_stats(idx[i].const_data_ptr<int64_t>(), idx[i].numel())
+                                                 : index_stats(idx[i].const_data_ptr<int32_t>(), idx[i].numel());
+  }
   for (int64_t i = 0; i < L; ++i) {
     if (idx[i].numel() == 0) continue;
     const int64_t n = weights[i].numel();
     raise_bad_indices(i, n, stats[i].lo, stats[i].hi, stats[i].lo >= 0 && stats[i].hi < n, stats[i].increasing);
   }
-  for (int64_t i = 0; i < L; ++i) {
-    switch (weights[i].element_size()) {
-      case 2: swap_layer<uint16_t>(weights[i], idx[i], values[i]); break;
-      case 4: swap_layer<uint32_t>(weights[i], idx[i], values[i]); break;
-      case 8: swap_layer<uint64_t>(weights[i], idx[i], values[i]); break;
-      default: TORCH_CHECK(false, "swap_: unexpected element size");
+  // One parallel region over the entries of all layers.
+  std::vector<int64_t> start(L + 1, 0);
+  for (int64_t i = 0; i < L; ++i) start[i + 1] = start[i] + idx[i].numel();
+  at::parallel_for(0, start[L], 1 << 14, [&](int64_t b, int64_t e) {
+    int64_t i = std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1;
+    for (; i < L && start[i] < e; ++i) {
+      const int64_t lb = std::max(b, start[i]) - start[i], le = std::min(e, start[i + 1]) - start[i];
+      if (lb >= le) continue;
+      switch (weights[i].element_size()) {
+        case 2: swap_range<uint16_t>(weights[i], idx[i], values[i], lb, le); break;
+        case 4: swap_range<uint32_t>(weights[i], idx[i], values[i], lb, le); break;
+        default: swap_range<uint64_t>(weights[i], idx[i], values[i], lb, le); break;
+      }
     }
-  }
+  });
 }
 
 }  // namespace sparse_sam
