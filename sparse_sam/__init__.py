@@ -1,4 +1,24 @@
-"""sparse_sam: zero-forget domain adaptation with sparse additive weight modifications."""
-from . import backends, reference
+"""sparse_sam: zero-forget domain adaptation with sparse additive weight modifications.
+
+A pre-trained model adapts through ``W* + m ⊙ v`` with a learned top-k mask ``m`` per layer; the
+modification exports as a tiny patch that switches on and off in place, bit-exactly::
+
+    handle = sparse_sam.patch(model, sparsity=0.01)
+    opt = torch.optim.Adam(handle.param_groups(lr_scores=1.0, lr_delta=1e-3))
+    ...  # train on local data
+    patch = handle.export(); sparse_sam.unpatch(model)   # model is bit-identical to before
+    with patch.applied(model): ...                        # adapted model
+"""
+from . import backends, ops, reference
+from .budget import layer_budgets
+from .modules import SAMConv2d, SAMConvTranspose2d, SAMLayer, SAMLinear
+from .patchfile import PatchFileError, PatchMismatchError, SparsePatch, load_patch
+from .patching import SAMHandle, patch, patched, unpatch
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "patch", "unpatch", "patched", "SAMHandle", "SparsePatch", "load_patch", "layer_budgets",
+    "PatchFileError", "PatchMismatchError", "SAMLayer", "SAMConv2d", "SAMConvTranspose2d", "SAMLinear",
+    "backends", "ops", "reference", "__version__",
+]
