@@ -79,9 +79,9 @@ def _topk_hist_kernel(scores_ptr, blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_l
     ticket = tl.atomic_add(ticket_ptr + seg, 1, sem="acq_rel")
     if ticket == tl.load(seg_nblk_ptr + seg) - 1:
         k = tl.load(seg_k_ptr + seg).to(tl.int32)
-        above = 0  # keys in bins above the current chunk
+        above = k * 0  # keys in bins above the current chunk (int32 tensors: loop-carried)
         d1 = tl.where(k == 0, NBINS, 0)  # k == 0: a threshold above every digit selects nothing
-        krem = 0
+        krem = k * 0
         for c in range(0, NBINS // SCAN_CHUNK):
             base = NBINS - (c + 1) * SCAN_CHUNK
             bins = base + tl.arange(0, SCAN_CHUNK)
@@ -162,18 +162,19 @@ def _topk_select_kernel(scores_ptr, mask_ptr, blk_seg_ptr, blk_start_ptr, seg_of
         thr = (hi << 8) | lo
         # More copies of the threshold key than slots left: the lowest indices among them win.
         # Segment-local indices are < 2**31, so four 8-bit digits from bit 24 cover them.
-        idx_cut = 0x7FFFFFFF
+        idx_cut = krem * 0 + 0x7FFFFFFF
         if (kr < n_eq) & (krem > 0):
-            prefix = 0
-            for p in tl.static_range(4):
-                shift = 24 - 8 * p
+            prefix = krem * 0
+            for p in tl.static_range(4):  # digit p covers index bits [24 - 8p, 32 - 8p)
                 h = tl.zeros([256], dtype=tl.int32)
                 for i in range(0, n_all, REFINE_BLOCK):
                     ok = i + r < n_all
                     idx = tl.load(cbase + i + r, mask=ok, other=0, volatile=True)
                     low = (_keys(tl.load(sbase + idx, mask=ok, other=0.0).to(tl.float32)) & 0xFFFF).to(tl.int32)
-                    tie = ok & (low == thr) & ((idx >> (shift + 8)) == prefix)
-                    h += tl.histogram((idx >> shift) & 0xFF, 256, mask=tie)
+                    tie = ok & (low == thr)
+                    if p > 0:  # a 32-bit shift would be undefined; the top digit has no prefix
+                        tie = tie & ((idx >> (32 - 8 * p)) == prefix)
+                    h += tl.histogram((idx >> (24 - 8 * p)) & 0xFF, 256, mask=tie)
                 dg, kr, _ = _digit_select(h, kr, False)
                 prefix = (prefix << 8) | dg
             idx_cut = prefix
