@@ -11,10 +11,10 @@ import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 from .patch_swap import swap_
 from .sam_conv import sam_conv2d_forward, sam_conv_transpose2d_forward
-from .sam_weight import sam_weight_backward, sam_weight_forward
+from .sam_weight import sam_weight_backward, sam_weight_forward, sam_weight_forward_grouped
 from .topk_mask import topk_mask
 
-__all__ = ["topk_mask", "sam_weight_forward", "sam_weight_backward", "swap_", "sam_conv2d_forward",
+__all__ = ["topk_mask", "sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "swap_", "sam_conv2d_forward",
            "sam_conv_transpose2d_forward", "triton_version"]
 
 

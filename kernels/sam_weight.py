@@ -10,6 +10,8 @@ correctly rounded (float32 carries more than twice their precision plus two bits
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,8 @@ from torch import Tensor
 
 from sparse_sam import reference
 
-__all__ = ["sam_weight_forward", "sam_weight_backward", "compute_dtype", "round_to", "weff"]
+__all__ = ["sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "compute_dtype", "round_to",
+           "weff"]
 
 BLOCK = 2048
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -74,6 +77,20 @@ def _sam_weight_bwd_kernel(g_ptr, m_ptr, v_ptr, gd_ptr, gs_ptr, n, MASKED: tl.co
     tl.store(gs_ptr + offs, round_to(gs, gs_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _sam_weight_fwd_grouped_kernel(w_addr_ptr, m_addr_ptr, v_addr_ptr, len_ptr, out_off_ptr, blk_layer_ptr,
+                                   blk_start_ptr, out_ptr, WD: tl.constexpr, VD: tl.constexpr, CD: tl.constexpr,
+                                   BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    layer = tl.load(blk_layer_ptr + pid)
+    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)
+    ok = offs < tl.load(len_ptr + layer)
+    w = tl.load(tl.load(w_addr_ptr + layer).to(tl.pointer_type(WD)) + offs, mask=ok)
+    m = tl.load(tl.load(m_addr_ptr + layer).to(tl.pointer_type(tl.uint8)) + offs, mask=ok, other=0)
+    v = tl.load(tl.load(v_addr_ptr + layer).to(tl.pointer_type(VD)) + offs, mask=ok)
+    tl.store(out_ptr + tl.load(out_off_ptr + layer) + offs, weff(w, m, v, CD), mask=ok)
+
+
 def _check_dtype(*ts: Tensor) -> None:
     for t in ts:
         if t.dtype not in _TL:
@@ -118,3 +135,40 @@ def sam_weight_backward(grad: Tensor, mask: Tensor, delta: Tensor, scores_dtype:
             g, m, v, gd, gs, n, MASKED=delta_grad == "masked",
             CD=compute_dtype(g.dtype, v.dtype, scores_dtype), BLOCK=BLOCK, num_warps=8)
     return gd, gs
+
+
+def sam_weight_forward_grouped(weights: Sequence[Tensor], masks: Sequence[Tensor],
+                               deltas: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`sam_weight_forward` for many layers in one launch per (weight, delta) dtype pair.
+
+    Layers are addressed through a device table of their addresses, so no input is copied; the
+    results are views of one flat buffer per dtype pair. Shapes: ``weights[l]``, ``masks[l]``,
+    ``deltas[l]`` all ``P_l``; result ``l`` has shape ``P_l`` and ``weights[l].dtype``.
+
+    Equivalent PyTorch: ``[sam_weight_forward_ref(w, m, v) for w, m, v in zip(weights, masks, deltas)]``.
+    """
+    ws = [w.detach().contiguous() for w in weights]
+    ms = [m.contiguous().view(torch.uint8) for m in masks]
+    vs = [v.detach().contiguous() for v in deltas]
+    _check_dtype(*ws, *vs)
+    out: list[Tensor | None] = [None] * len(ws)
+    groups: dict[tuple, list[int]] = {}
+    for l, (w, v) in enumerate(zip(ws, vs)):
+        groups.setdefault((w.dtype, v.dtype), []).append(l)
+    for (wd, vd), layers in groups.items():
+        lens = [ws[l].numel() for l in layers]
+        offs = [sum(lens[:i]) for i in range(len(lens))]
+        flat = torch.empty(sum(lens), dtype=wd, device=ws[layers[0]].device)
+        nblk = [triton.cdiv(n, BLOCK) for n in lens]
+        blk = torch.tensor([[i for i, b in enumerate(nblk) for _ in range(b)],
+                            [j * BLOCK for b in nblk for j in range(b)]], dtype=torch.int64)
+        meta = torch.tensor([[ws[l].data_ptr() for l in layers], [ms[l].data_ptr() for l in layers],
+                             [vs[l].data_ptr() for l in layers], lens, offs], dtype=torch.int64)
+        meta, blk = meta.to(flat.device), blk.to(flat.device)
+        if blk.shape[1]:
+            _sam_weight_fwd_grouped_kernel[(blk.shape[1],)](
+                meta[0], meta[1], meta[2], meta[3], meta[4], blk[0], blk[1], flat, WD=_TL[wd], VD=_TL[vd],
+                CD=compute_dtype(wd, vd), BLOCK=BLOCK, num_warps=8)
+        for l, o, n in zip(layers, offs, lens):
+            out[l] = flat[o:o + n].view(ws[l].shape)
+    return out

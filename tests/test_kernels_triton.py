@@ -136,6 +136,20 @@ def test_sam_weight_forward_backward(wd, vd, sd):
         assert torch.equal(bits(gs), bits(rs)), mode
 
 
+def test_sam_weight_forward_grouped_matches_per_layer():
+    g = gen(14)
+    shapes = [(3, 5), (1,), (2049,), (4, 4, 3), (7,)]
+    dts = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32),
+           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+    ws = [torch.randn(s, generator=g).to(wd).to(DEVICE) for s, (wd, _) in zip(shapes, dts)]
+    ms = [(torch.rand(s, generator=g) < 0.4).to(DEVICE) for s in shapes]
+    vs = [torch.randn(s, generator=g).to(vd).to(DEVICE) for s, (_, vd) in zip(shapes, dts)]
+    outs = sam_weight.sam_weight_forward_grouped(ws, ms, vs)
+    for o, w, m, v in zip(outs, ws, ms, vs):
+        assert o.shape == w.shape and o.dtype == w.dtype
+        assert torch.equal(bits(o), bits(R.sam_weight_forward_ref(w, m, v)))
+
+
 def test_sam_weight_forward_nan_sum_stays_nan():
     w = torch.tensor([float("nan"), 1.0, -0.0], dtype=torch.bfloat16, device=DEVICE)
     m = torch.tensor([True, True, False], device=DEVICE)

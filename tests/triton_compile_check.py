@@ -51,6 +51,10 @@ def main():
         compile_one(sam_weight._sam_weight_bwd_kernel,
                     dict(g_ptr="*" + wd, m_ptr="*u8", v_ptr="*" + vd, gd_ptr="*" + vd, gs_ptr="*" + sd, n=i64),
                     dict(MASKED=True, CD=tl.float32, BLOCK=sam_weight.BLOCK), num_warps=8)
+    compile_one(sam_weight._sam_weight_fwd_grouped_kernel,
+                dict(**{a: "*i64" for a in ("w_addr_ptr", "m_addr_ptr", "v_addr_ptr", "len_ptr", "out_off_ptr",
+                                            "blk_layer_ptr", "blk_start_ptr")}, out_ptr="*bf16"),
+                dict(WD=tl.bfloat16, VD=tl.float32, CD=tl.float32, BLOCK=sam_weight.BLOCK), num_warps=8)
     compile_one(patch_swap._swap_kernel, {a: "*i64" for a in ("w_addr_ptr", "v_addr_ptr", "numel_ptr", "idx_ptr",
                                                              "idx_off_ptr", "len_ptr", "blk_layer_ptr",
                                                              "blk_start_ptr")},
