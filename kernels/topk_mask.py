@@ -1,5 +1,8 @@
 """Segmented top-k → mask for every layer of a model in two Triton launches (plus one memset).
 
+The layers are read in place through a device table of their addresses (cached: a model's score
+tensors keep their storage from step to step), so no flat copy of the scores is made.
+
 Algorithm (radix select on order-preserving 32-bit keys, exact and deterministic):
 
 1. ``_topk_hist_kernel`` (one program per block of ``BLOCK`` scores; blocks never straddle layers):
@@ -15,7 +18,8 @@ Algorithm (radix select on order-preserving 32-bit keys, exact and deterministic
    four 8-bit passes over the candidates' indices find the index cut, so equal scores go to the
    lower index, exactly like the reference's stable sort. It then writes the candidates' mask bits.
 
-Cost: two reads of the scores, one write of the mask, plus candidate traffic. With 16 top bits a
+Cost: two reads of the scores, one write of the mask, plus candidate traffic and a memset of the
+256 KiB per-layer histograms (52 MB for 200 layers). With 16 top bits a
 candidate bin spans 1/128 of an octave, so for smooth score distributions the serial refinement
 touches a small fraction of a layer. Worst case (a whole layer of equal scores, e.g. freshly
 initialised constant scores) one program refines the whole layer: still exact, just not parallel.
@@ -59,15 +63,14 @@ def _keys(x):
 
 
 @triton.jit
-def _topk_hist_kernel(scores_ptr, blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_len_ptr, seg_k_ptr,
-                      seg_nblk_ptr, hist_ptr, ticket_ptr, nan_ptr, sel_ptr,
+def _topk_hist_kernel(seg_addr_ptr, blk_seg_ptr, blk_start_ptr, seg_len_ptr, seg_k_ptr, seg_nblk_ptr,
+                      hist_ptr, ticket_ptr, nan_ptr, sel_ptr, SDT: tl.constexpr,
                       BLOCK: tl.constexpr, NBINS: tl.constexpr, SCAN_CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid)
-    start = tl.load(blk_start_ptr + pid)
-    end = tl.load(seg_off_ptr + seg) + tl.load(seg_len_ptr + seg)
-    offs = start + tl.arange(0, BLOCK)
-    inb = offs < end
+    scores_ptr = tl.load(seg_addr_ptr + seg).to(tl.pointer_type(SDT))
+    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)  # layer-local
+    inb = offs < tl.load(seg_len_ptr + seg)
     x = tl.load(scores_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     n_nan = tl.sum(((x != x) & inb).to(tl.int32), axis=0)
     tl.atomic_max(nan_ptr + seg, 1, mask=n_nan > 0, sem="relaxed")
@@ -115,34 +118,33 @@ def _digit_select(h, kr, LARGEST: tl.constexpr):
 
 
 @triton.jit
-def _topk_select_kernel(scores_ptr, mask_ptr, blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_len_ptr,
-                        seg_nblk_ptr, sel_ptr, cand_ptr, cand_cnt_ptr, ticket_ptr,
+def _topk_select_kernel(seg_addr_ptr, mask_ptr, blk_seg_ptr, blk_start_ptr, seg_off_ptr, seg_len_ptr,
+                        seg_nblk_ptr, sel_ptr, cand_ptr, cand_cnt_ptr, ticket_ptr, SDT: tl.constexpr,
                         BLOCK: tl.constexpr, NBINS: tl.constexpr, REFINE_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid)
-    start = tl.load(blk_start_ptr + pid)
-    seg_off = tl.load(seg_off_ptr + seg)
-    end = seg_off + tl.load(seg_len_ptr + seg)
+    scores_ptr = tl.load(seg_addr_ptr + seg).to(tl.pointer_type(SDT))
+    seg_off = tl.load(seg_off_ptr + seg)  # where the layer starts in the flat mask / candidate buffers
     d1 = tl.load(sel_ptr + 2 * seg)
     krem = tl.load(sel_ptr + 2 * seg + 1)
-    offs = start + tl.arange(0, BLOCK)
-    inb = offs < end
+    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)  # layer-local
+    inb = offs < tl.load(seg_len_ptr + seg)
     x = tl.load(scores_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     digit = (_keys(x) >> 16).to(tl.int32)
     cand = (digit == d1) & inb
-    tl.store(mask_ptr + offs, (digit > d1).to(tl.int8), mask=inb & (digit != d1))
+    tl.store(mask_ptr + seg_off + offs, (digit > d1).to(tl.int8), mask=inb & (digit != d1))
     # Compact candidate indices (segment-local) into the layer's slice of the candidate buffer.
     c = cand.to(tl.int32)
     n_cand = tl.sum(c, axis=0)
     pos = tl.cumsum(c, axis=0) - c
     base = tl.atomic_add(cand_cnt_ptr + seg, n_cand, sem="relaxed")
-    tl.store(cand_ptr + seg_off + base + pos, (offs - seg_off).to(tl.int32), mask=cand)
+    tl.store(cand_ptr + seg_off + base + pos, offs.to(tl.int32), mask=cand)
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + seg, 1, sem="acq_rel")
     if ticket == tl.load(seg_nblk_ptr + seg) - 1:
         n_all = tl.atomic_add(cand_cnt_ptr + seg, 0, sem="acquire")
         cbase = cand_ptr + seg_off
-        sbase = scores_ptr + seg_off
+        sbase = scores_ptr
         r = tl.arange(0, REFINE_BLOCK)
         # Low 16 key bits: high byte, then low byte (largest first).
         h = tl.zeros([256], dtype=tl.int32)
@@ -199,7 +201,7 @@ def _plan(sizes: tuple[int, ...], ks: tuple[int, ...], device: torch.device):
         nblk = (lens + BLOCK - 1) // BLOCK
         blk_seg = torch.repeat_interleave(torch.arange(len(sizes)), nblk)
         first = torch.cumsum(nblk, 0) - nblk
-        blk_start = offs[blk_seg] + (torch.arange(blk_seg.numel()) - first[blk_seg]) * BLOCK
+        blk_start = (torch.arange(blk_seg.numel()) - first[blk_seg]) * BLOCK  # layer-local
         plan = dict(blk_seg=blk_seg.to(torch.int32), blk_start=blk_start, seg_off=offs, seg_len=lens,
                     seg_k=torch.tensor(ks, dtype=torch.int64), seg_nblk=nblk.to(torch.int32))
         plan = {k: v.to(device) for k, v in plan.items()}
@@ -209,21 +211,33 @@ def _plan(sizes: tuple[int, ...], ks: tuple[int, ...], device: torch.device):
     return plan
 
 
-def _flat(scores: Sequence[Tensor]) -> Tensor:
-    """One flat score buffer; a zero-copy view when the layers already sit back to back in one storage."""
-    s0 = scores[0]
-    total = sum(s.numel() for s in scores)
-    if all(s.dtype == s0.dtype and s.is_contiguous() for s in scores):
-        ptr, es = s0.data_ptr(), s0.element_size()
-        adjacent = True
-        for s in scores:
-            adjacent = adjacent and (s.numel() == 0 or (s.data_ptr() == ptr and
-                                     s.untyped_storage().data_ptr() == s0.untyped_storage().data_ptr()))
-            ptr += s.numel() * es
-        if adjacent and s0.numel():
-            return s0.detach().as_strided((total,), (1,))
-        return torch.cat([s.detach().reshape(-1) for s in scores])
-    return torch.cat([s.detach().reshape(-1).float() for s in scores])
+_tables: dict = {}
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _score_table(scores: Sequence[Tensor]):
+    """Device table of the layers' score addresses (no copy when they share a kernel dtype), the
+    Triton element type, and the tensors that must stay alive during the launches."""
+    if all(s.dtype == scores[0].dtype for s in scores):
+        live = [s.detach().contiguous() for s in scores]  # copies only non-contiguous layers
+        addrs = tuple(t.data_ptr() for t in live)
+        sdt = _TL[scores[0].dtype]
+    else:  # mixed dtypes: one float32 buffer (exact for all three kernel dtypes)
+        flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+        live = [flat]
+        starts = [0]
+        for s in scores[:-1]:
+            starts.append(starts[-1] + s.numel())
+        addrs = tuple(flat.data_ptr() + 4 * o for o in starts)
+        sdt = tl.float32
+    device = scores[0].device
+    table = _tables.get((addrs, device))
+    if table is None:  # parameters keep their storage across steps, so this hits while training
+        table = torch.tensor(addrs, dtype=torch.int64).to(device)
+        if len(_tables) > 64:
+            _tables.clear()
+        _tables[(addrs, device)] = table
+    return table, sdt, live
 
 
 def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] | None = None,
@@ -254,7 +268,7 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
     out = torch.empty(total, dtype=torch.bool, device=device)
     if total:
         plan = _plan(sizes, tuple(ks), device)  # empty layers get no blocks
-        flat = _flat(scores)
+        addr, sdt, _live = _score_table(scores)
         # One memset for all counters: [hist | ticket1 | ticket2 | nan | cand_cnt | sel (2 per layer)].
         scratch = torch.zeros(n_seg * (NBINS + 6), dtype=torch.int32, device=device)
         hist, rest = scratch[: n_seg * NBINS], scratch[n_seg * NBINS:]
@@ -262,12 +276,11 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
                                  rest[3 * n_seg:4 * n_seg], rest[4 * n_seg:])
         cand = torch.empty(total, dtype=torch.int32, device=device)
         grid = (plan["blk_seg"].numel(),)
-        _topk_hist_kernel[grid](flat, plan["blk_seg"], plan["blk_start"], plan["seg_off"], plan["seg_len"],
-                                plan["seg_k"], plan["seg_nblk"], hist, t1, nan, sel,
-                                BLOCK=BLOCK, NBINS=NBINS, SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
-        _topk_select_kernel[grid](flat, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
+        _topk_hist_kernel[grid](addr, plan["blk_seg"], plan["blk_start"], plan["seg_len"], plan["seg_k"],
+                                plan["seg_nblk"], hist, t1, nan, sel, SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
+        _topk_select_kernel[grid](addr, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
                                   plan["seg_off"], plan["seg_len"], plan["seg_nblk"], sel, cand, cnt, t2,
-                                  BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
+                                  SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
         if check_nan:
             flags = nan.tolist()
             if any(flags):

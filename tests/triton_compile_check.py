@@ -36,14 +36,16 @@ def compile_one(fn, signature, constexprs, **options):
 
 def main():
     i32, i64 = "i32", "i64"
-    seg = dict(blk_seg_ptr="*i32", blk_start_ptr="*i64", seg_off_ptr="*i64", seg_len_ptr="*i64")
-    compile_one(topk._topk_hist_kernel, dict(scores_ptr="*fp32", **seg, seg_k_ptr="*i64", seg_nblk_ptr="*i32",
-                                             hist_ptr="*i32", ticket_ptr="*i32", nan_ptr="*i32", sel_ptr="*i32"),
-                dict(BLOCK=topk.BLOCK, NBINS=topk.NBINS, SCAN_CHUNK=topk.SCAN_CHUNK), num_warps=8)
-    compile_one(topk._topk_select_kernel, dict(scores_ptr="*bf16", mask_ptr="*i8", **seg, seg_nblk_ptr="*i32",
-                                               sel_ptr="*i32", cand_ptr="*i32", cand_cnt_ptr="*i32",
-                                               ticket_ptr="*i32"),
-                dict(BLOCK=topk.BLOCK, NBINS=topk.NBINS, REFINE_BLOCK=topk.REFINE_BLOCK), num_warps=8)
+    blk = dict(blk_seg_ptr="*i32", blk_start_ptr="*i64")
+    compile_one(topk._topk_hist_kernel, dict(seg_addr_ptr="*i64", **blk, seg_len_ptr="*i64", seg_k_ptr="*i64",
+                                             seg_nblk_ptr="*i32", hist_ptr="*i32", ticket_ptr="*i32",
+                                             nan_ptr="*i32", sel_ptr="*i32"),
+                dict(SDT=tl.float32, BLOCK=topk.BLOCK, NBINS=topk.NBINS, SCAN_CHUNK=topk.SCAN_CHUNK), num_warps=8)
+    compile_one(topk._topk_select_kernel, dict(seg_addr_ptr="*i64", mask_ptr="*i8", **blk, seg_off_ptr="*i64",
+                                               seg_len_ptr="*i64", seg_nblk_ptr="*i32", sel_ptr="*i32",
+                                               cand_ptr="*i32", cand_cnt_ptr="*i32", ticket_ptr="*i32"),
+                dict(SDT=tl.bfloat16, BLOCK=topk.BLOCK, NBINS=topk.NBINS, REFINE_BLOCK=topk.REFINE_BLOCK),
+                num_warps=8)
     for wd, vd, sd in [("fp32", "fp32", "fp32"), ("bf16", "fp16", "fp32"), ("fp16", "fp16", "bf16")]:
         compile_one(sam_weight._sam_weight_fwd_kernel,
                     dict(w_ptr="*" + wd, m_ptr="*u8", v_ptr="*" + vd, out_ptr="*" + wd, n=i64),
