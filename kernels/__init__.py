@@ -14,8 +14,8 @@ from .sam_conv import sam_conv2d_forward, sam_conv_transpose2d_forward
 from .sam_weight import sam_weight_backward, sam_weight_forward, sam_weight_forward_grouped
 from .topk_mask import topk_mask
 
-__all__ = ["topk_mask", "sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "swap_", "sam_conv2d_forward",
-           "sam_conv_transpose2d_forward", "triton_version"]
+__all__ = ["topk_mask", "sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "swap_",
+           "sam_conv2d_forward", "sam_conv_transpose2d_forward", "triton_version"]
 
 
 def triton_version() -> str:

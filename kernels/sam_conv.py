@@ -136,7 +136,8 @@ def _launch(x, weight, mask, delta, bias, out, C, CO, kh, kw, stride, padding, d
         x, weight, mask.view(torch.uint8), delta, bias if bias is not None else x, out,
         n, C, h, w, CO, oh, ow, kh, kw, *stride, *padding, *dilation,
         TRANSPOSED=transposed, HAS_BIAS=bias is not None, CD=compute_dtype(weight.dtype, delta.dtype),
-        PREC=_precision(x.dtype), DOT_F32=not x.is_cuda and x.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        PREC=_precision(x.dtype), DOT_F32=not x.is_cuda and x.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 

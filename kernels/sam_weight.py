@@ -20,10 +20,10 @@ from torch import Tensor
 from sparse_sam import reference
 
 __all__ = ["sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "compute_dtype", "round_to",
-           "weff"]
+           "weff", "TL_DTYPES"]
 
 BLOCK = 2048
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
        torch.float64: tl.float64}
 
 
@@ -93,8 +93,8 @@ def _sam_weight_fwd_grouped_kernel(w_addr_ptr, m_addr_ptr, v_addr_ptr, len_ptr, 
 
 def _check_dtype(*ts: Tensor) -> None:
     for t in ts:
-        if t.dtype not in _TL:
-            raise TypeError(f"sam_weight (triton): unsupported dtype {t.dtype}; expected one of {list(_TL)}")
+        if t.dtype not in TL_DTYPES:
+            raise TypeError(f"sam_weight (triton): unsupported dtype {t.dtype}; expected one of {list(TL_DTYPES)}")
 
 
 def sam_weight_forward(weight: Tensor, mask: Tensor, delta: Tensor) -> Tensor:
@@ -124,7 +124,7 @@ def sam_weight_backward(grad: Tensor, mask: Tensor, delta: Tensor, scores_dtype:
     if delta_grad not in reference.DELTA_GRAD_MODES:
         raise ValueError(f"delta_grad must be one of {reference.DELTA_GRAD_MODES}, got {delta_grad!r}")
     _check_dtype(grad, delta)
-    if scores_dtype not in _TL:
+    if scores_dtype not in TL_DTYPES:
         raise TypeError(f"sam_weight (triton): unsupported scores dtype {scores_dtype}")
     g, m, v = grad.contiguous(), mask.contiguous().view(torch.uint8), delta.detach().contiguous()
     gd = torch.empty_like(v)
@@ -167,8 +167,8 @@ def sam_weight_forward_grouped(weights: Sequence[Tensor], masks: Sequence[Tensor
         meta, blk = meta.to(flat.device), blk.to(flat.device)
         if blk.shape[1]:
             _sam_weight_fwd_grouped_kernel[(blk.shape[1],)](
-                meta[0], meta[1], meta[2], meta[3], meta[4], blk[0], blk[1], flat, WD=_TL[wd], VD=_TL[vd],
-                CD=compute_dtype(wd, vd), BLOCK=BLOCK, num_warps=8)
+                meta[0], meta[1], meta[2], meta[3], meta[4], blk[0], blk[1], flat,
+                WD=TL_DTYPES[wd], VD=TL_DTYPES[vd], CD=compute_dtype(wd, vd), BLOCK=BLOCK, num_warps=8)
         for l, o, n in zip(layers, offs, lens):
             out[l] = flat[o:o + n].view(ws[l].shape)
     return out

@@ -42,11 +42,12 @@ from torch import Tensor
 
 from sparse_sam import reference
 
+from .sam_weight import TL_DTYPES
+
 __all__ = ["topk_mask"]
 
 BLOCK = 4096          # scores per program in both passes
-TOP_BITS = 16         # key bits resolved by the global histogram
-NBINS = 1 << TOP_BITS
+NBINS = 1 << 16       # the global histogram resolves the top 16 key bits (the kernels split 16 + 8 + 8)
 SCAN_CHUNK = 4096     # histogram bins scanned per step by a layer's last program
 REFINE_BLOCK = 1024   # candidates per step in the serial refinement
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -212,7 +213,6 @@ def _plan(sizes: tuple[int, ...], ks: tuple[int, ...], device: torch.device):
 
 
 _tables: dict = {}
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _score_table(scores: Sequence[Tensor]):
@@ -221,7 +221,7 @@ def _score_table(scores: Sequence[Tensor]):
     if all(s.dtype == scores[0].dtype for s in scores):
         live = [s.detach().contiguous() for s in scores]  # copies only non-contiguous layers
         addrs = tuple(t.data_ptr() for t in live)
-        sdt = _TL[scores[0].dtype]
+        sdt = TL_DTYPES[scores[0].dtype]
     else:  # mixed dtypes: one float32 buffer (exact for all three kernel dtypes)
         flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
         live = [flat]
@@ -277,7 +277,8 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
         cand = torch.empty(total, dtype=torch.int32, device=device)
         grid = (plan["blk_seg"].numel(),)
         _topk_hist_kernel[grid](addr, plan["blk_seg"], plan["blk_start"], plan["seg_len"], plan["seg_k"],
-                                plan["seg_nblk"], hist, t1, nan, sel, SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
+                                plan["seg_nblk"], hist, t1, nan, sel, SDT=sdt, BLOCK=BLOCK, NBINS=NBINS,
+                                SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
         _topk_select_kernel[grid](addr, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
                                   plan["seg_off"], plan["seg_len"], plan["seg_nblk"], sel, cand, cnt, t2,
                                   SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
