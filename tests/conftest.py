@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from sparse_sam import backends
 from sparse_sam.reference import bits_view
+from sam_test_models import PaperAutoEncoder
 
 
 def raw_bits(t: torch.Tensor) -> torch.Tensor:
@@ -33,30 +34,6 @@ def backend_params(op: str, device_type: str = "cpu"):
         ok, why = backends.available(name, device_type, op)
         out.append(pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {why}")))
     return out
-
-
-class PaperAutoEncoder(nn.Module):
-    """The paper's shape: 6 conv (Tx) + 6 transposed conv (Rx), BatchNorm + activations, 3×32×32 ↔ 512."""
-
-    def __init__(self, w: int = 8):
-        super().__init__()
-        c = [3, w, w, 2 * w, 2 * w, 4 * w, 32]
-        enc = []
-        for i in range(6):
-            enc += [nn.Conv2d(c[i], c[i + 1], 3, 2 if i in (1, 3, 5) else 1, 1)]
-            if i < 5:
-                enc += [nn.BatchNorm2d(c[i + 1]), nn.PReLU()]
-        dec = []
-        r = c[::-1]
-        for i in range(6):
-            up = i in (0, 2, 4)
-            dec += [nn.ConvTranspose2d(r[i], r[i + 1] if i < 5 else 3, 4 if up else 3, 2 if up else 1, 1)]
-            if i < 5:
-                dec += [nn.BatchNorm2d(r[i + 1]), nn.PReLU()]
-        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec, nn.Sigmoid())
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
 
 
 @pytest.fixture
