@@ -1,8 +1,16 @@
 """Shared test helpers: raw-bit comparisons, small models, backend parametrisation."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton backend runs CPU tensors through the interpreter; triton reads this when
+# kernels are defined, so it must be set before anything imports sparse_sam.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import torch.nn as nn
 
 from sparse_sam import backends
