@@ -1,0 +1,106 @@
+"""PNG figures of a reproduction run (matplotlib, imported lazily; Agg backend, no display needed)."""
+from __future__ import annotations
+
+from .domains import save_domain_grid
+
+__all__ = ["fig2", "fig3", "fig4", "memory"]
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib (pip install 'sparse_sam[experiments]'), "
+                          "or pass --no-plots") from e
+    return plt
+
+
+def fig2(data, seed: int, path: str) -> None:
+    """Samples of the original domain and of VA/VP/VC/VH (paper Fig. 2), from the domain test images."""
+    save_domain_grid(data.dom_test, path, seed=seed, n=8)
+
+
+def fig3(report: dict, path: str) -> None:
+    """Paper Fig. 3: original-domain PSNR per domain and method, Tx adapted (left) and Rx adapted (right)."""
+    plt = _plt()
+    res, p = report["results"], report["preset"]
+    codes = list(res["domains"])
+    slf = [f"slf_F{f}" for f in p["slf_frozen"]]
+    series = ["aligned", "misaligned", "tuning", "equalizer", *slf, "ZFDA (off)"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    width = 0.8 / len(series)
+    for ax, side in zip(axes, ("tx", "rx")):
+        for j, s in enumerate(series):
+            vals = []
+            for c in codes:
+                d = res["domains"][c]
+                rr = {r["method"]: r for r in d["realign"][side]}
+                if s == "aligned":
+                    vals.append(d["baseline_da"]["psnr"]["aligned"])
+                elif s == "misaligned":
+                    vals.append(d["baseline_da"]["psnr"][f"{side}_adapted"])
+                elif s == "ZFDA (off)":
+                    vals.append(d["zfda"]["psnr"][f"{side}_adapted"])
+                else:
+                    vals.append(rr[s]["psnr"]["realigned"])
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(codes))]
+            ax.bar(xs, vals, width, label=s.replace("slf_F", "SLF F="))
+        ax.set_xticks(range(len(codes)), codes)
+        ax.set_title(f"{side.upper()} AI adapted")
+        ax.set_ylabel("PSNR on original domain (dB)")
+        lo = min(d["baseline_da"]["psnr"][f"{s}_adapted"] for d in res["domains"].values() for s in ("tx", "rx"))
+        ax.set_ylim(max(0.0, lo - 3), None)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Misalignment and realignment (preset {p['name']}, {report['data']['source']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig4(report: dict, path: str) -> None:
+    """Paper Fig. 4: domain PSNR vs γ for {optimised, fixed} × {linear, uniform}, with baseline DA."""
+    plt = _plt()
+    res, p = report["results"], report["preset"]
+    codes = list(res["fig4"])
+    fig, axes = plt.subplots(1, len(codes), figsize=(3.6 * len(codes), 3.4), squeeze=False)
+    styles = {("optimised", "linear"): "o-", ("optimised", "uniform"): "s--", ("fixed", "linear"): "^-",
+              ("fixed", "uniform"): "v--"}
+    for ax, c in zip(axes[0], codes):
+        rows = res["fig4"][c]
+        for v, st in styles.items():
+            pts = sorted((r["gamma"], r["psnr"]) for r in rows if (r["mask"], r["allocation"]) == v)
+            ax.plot([g * 100 for g, _ in pts], [q for _, q in pts], st, label=f"{v[0]} mask, {v[1]}")
+        d = res["domains"][c]["baseline_da"]["psnr"]
+        ax.axhline(d["domain"], color="k", ls=":", label="baseline DA")
+        ax.axhline(d["domain_pretrained"], color="gray", ls="-.", label="un-adapted")
+        ax.set_xscale("log")
+        ax.set_xlabel("sparsity γ (%)")
+        ax.set_title(c)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("domain PSNR (dB)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Domain PSNR vs sparsity (preset {p['name']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memory(report: dict, path: str) -> None:
+    """Patch bytes (fp32 and compact encodings) against the model's weight bytes, per γ."""
+    plt = _plt()
+    rows = report["results"]["memory"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    gs = [r["gamma"] * 100 for r in rows]
+    for enc, st in (("fp32", "o-"), ("compact", "s-")):
+        ax.plot(gs, [r["patch_bytes"][enc] for r in rows], st, label=f"patch ({enc})")
+    ax.axhline(rows[0]["model_bytes"], color="k", ls=":", label="model weights (fp32)")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("sparsity γ (%)"), ax.set_ylabel("bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
