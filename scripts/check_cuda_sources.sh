@@ -5,16 +5,25 @@
 #   scripts/check_cuda_sources.sh                 # default architecture sm_90 (Hopper)
 #   SPARSE_SAM_CUDA_ARCHS="sm_80 sm_90" scripts/check_cuda_sources.sh
 #
-# Needs nvcc (CUDA 12+; CUDA 13 supports sm_75 and newer) and an importable torch. Exits non-zero on the
-# first compiler error.
+# Needs nvcc (CUDA 13 supports sm_75 and newer; sm_75 and sm_90 are checked to compile) and an
+# importable torch. Exits non-zero if any file fails to compile; without nvcc it says SKIPPED and exits 0
+# unless SPARSE_SAM_REQUIRE_NVCC=1.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 NVCC=${NVCC:-nvcc}
 ARCHS=${SPARSE_SAM_CUDA_ARCHS:-sm_90}
 
-command -v "$NVCC" >/dev/null || { echo "check_cuda_sources: nvcc not found (set NVCC=...)" >&2; exit 1; }
+if ! command -v "$NVCC" >/dev/null; then
+  # CI sets SPARSE_SAM_REQUIRE_NVCC=1 so that a missing toolkit cannot pass as success there.
+  if [ "${SPARSE_SAM_REQUIRE_NVCC:-0}" = "1" ]; then
+    echo "check_cuda_sources: nvcc not found (set NVCC=...)" >&2
+    exit 1
+  fi
+  echo "check_cuda_sources: SKIPPED, nvcc not found (set NVCC=..., or SPARSE_SAM_REQUIRE_NVCC=1 to fail)" >&2
+  exit 0
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
