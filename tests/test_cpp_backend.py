@@ -267,6 +267,43 @@ def test_swap_rejects_mismatched_metadata(cpp):
         torch.ops.sparse_sam.swap_([torch.randn(4, 4).t()], [torch.tensor([1])], [torch.randn(1)])
 
 
+# ---------------------------------------------------------------------------------------- loading
+def test_load_failure_is_reported_not_raised(cpp, monkeypatch, tmp_path, caplog):
+    """Without a prebuilt module or sources, backend() raises BackendUnavailable with the reason and
+    the failure is logged once."""
+    import sys
+
+    from sparse_sam import _ext
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(_ext, "_CSRC", str(tmp_path / "no-csrc"))
+    monkeypatch.setitem(sys.modules, "sparse_sam._C", None)  # makes the import fail
+    with caplog.at_level("WARNING", logger="sparse_sam"):
+        for _ in range(2):
+            with pytest.raises(backends.BackendUnavailable, match="no C\\+\\+ sources"):
+                _ext.backend("cpp")
+    assert sum("compiled extension unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_disabled_by_environment(monkeypatch):
+    from sparse_sam import _ext
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("SPARSE_SAM_BUILD_EXT", "0")
+    with pytest.raises(backends.BackendUnavailable, match="SPARSE_SAM_BUILD_EXT=0"):
+        _ext.backend("cpp")
+
+
+def test_cuda_backend_needs_cuda_kernels(cpp):
+    from sparse_sam import _ext
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("sparse_sam::topk_mask", "CUDA"):
+        assert _ext.backend("cuda") is not None
+    else:
+        with pytest.raises(backends.BackendUnavailable, match="without CUDA"):
+            _ext.backend("cuda")
+
+
 # ---------------------------------------------------------------------------------------- routing
 def test_cpu_tensors_resolve_to_cpp(cpp, monkeypatch):
     monkeypatch.delenv("SPARSE_SAM_BACKEND", raising=False)
