@@ -187,9 +187,14 @@ def load_embedded(n_orig_train: int = 4000, n_orig_test: int = 500, n_dom_train:
 
 
 def load_data(source: str, root: str | None = None, seed: int = 0, **sizes) -> Splits:
-    """``source="embedded"`` (sizes: n_orig_train, ...) or ``"cifar100"`` (needs ``root``)."""
+    """``source="embedded"`` or ``"cifar100"`` (needs ``root``).
+
+    ``sizes``: ``n_orig_train``, ``n_orig_test``, ``n_dom_train``, ``n_dom_test``; ``None`` entries mean
+    the default (embedded) or everything (CIFAR-100, e.g. 40 000 pre-training images).
+    """
     if source == "embedded":
-        return load_embedded(seed=seed, **sizes)
+        # None means "as large as the source allows"; for the embedded set that is its default size.
+        return load_embedded(seed=seed, **{k: v for k, v in sizes.items() if v is not None})
     if source == "cifar100":
         if root is None:
             raise ValueError("--data cifar100 needs --root PATH (the extracted cifar-100-python folder)")
