@@ -20,11 +20,19 @@ struct IndexStats {
 template <typename I>
 IndexStats index_stats(const I* idx, int64_t n) {
   IndexStats st;
+  if (n == 0) return st;
+  int increasing = 1;
+  for (int64_t j = 1; j < n; ++j) increasing &= idx[j] > idx[j - 1];
+  st.increasing = increasing != 0;
+  if (st.increasing) {  // the common case: the ends are the extremes
+    st.lo = idx[0];
+    st.hi = idx[n - 1];
+    return st;
+  }
   for (int64_t j = 0; j < n; ++j) {
     st.lo = std::min<int64_t>(st.lo, idx[j]);
     st.hi = std::max<int64_t>(st.hi, idx[j]);
   }
-  for (int64_t j = 1; j < n; ++j) st.increasing &= idx[j] > idx[j - 1];
   return st;
 }
 
@@ -32,7 +40,7 @@ template <typename U, typename I>
 void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
   // misses in flight.
-  constexpr int64_t kAhead = 16;
+  constexpr int64_t kAhead = 32;
   for (int64_t j = b; j < e; ++j) {
     if (j + kAhead < e) __builtin_prefetch(w + idx[j + kAhead], 1);
     U* p = w + idx[j];

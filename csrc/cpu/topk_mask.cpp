@@ -333,9 +333,14 @@ std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector
     TORCH_CHECK_VALUE(!nan[l], "topk_mask: scores of layer #", l, " contain NaN");
   }
 
-  // 3. Exact selection among the candidates, per layer.
+  // 3. Exact selection among the candidates, per layer; on this thread unless there are many
+  // candidates (heavy ties), as a parallel region can cost more than it saves on a busy machine.
   std::vector<char> missed(layers.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(ids.size()), 1, [&](int64_t p0, int64_t p1) {
+  int64_t total_candidates = 0;
+  for (const ChunkResult& r : res) total_candidates += static_cast<int64_t>(r.cand.size());
+  const int64_t nids = static_cast<int64_t>(ids.size());
+  const int64_t grain = total_candidates < (int64_t(1) << 20) ? std::max<int64_t>(nids, 1) : 1;
+  at::parallel_for(0, nids, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const Layer& L = layers[ids[p]];
       if (L.mode == Mode::kFill || (L.mode == Mode::kHistogram && L.take == L.bucket_count)) continue;
