@@ -22,7 +22,7 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m sparse_sam.info
-	@if [ -x scripts/check_cuda_sources.sh ]; then scripts/check_cuda_sources.sh; fi
+	@if [ -x scripts/check_cuda_sources.sh ]; then PYTHON=$(PYTHON) scripts/check_cuda_sources.sh; fi
 	$(PYTEST) tests -q
 	# Benchmarks run once each at small sizes so they cannot rot; timings are `make bench`'s job.
 	SPARSE_SAM_BENCH_SMALL=1 $(PYTEST) benchmarks -q --benchmark-disable
