@@ -101,7 +101,7 @@ PRESETS = {
         name="ci", width=8,
         sizes=dict(n_orig_train=1024, n_orig_test=64, n_dom_train=128, n_dom_test=64),
         pretrain=M.TrainConfig(epochs=6, lr=1e-2, batch_size=64),
-        da=M.TrainConfig(epochs=6, lr=3e-3, batch_size=32),
+        da=M.TrainConfig(epochs=6, lr=1e-2, batch_size=32),
         zfda=M.ZFDAConfig(sparsity=0.01, epochs=4, lr_scores=0.05, lr_delta=3e-3, batch_size=32),
         gammas=(0.01,), ablation_epochs=2,
         tuning=M.RealignConfig(n_samples=128, steps=4, lr=1e-3),

@@ -1,0 +1,39 @@
+// Registers the sparse_sam ops with the PyTorch dispatcher (torch.ops.sparse_sam.*), so they run from
+// Python, TorchScript and torch.compile alike. Fake (meta) kernels live in sparse_sam/_ext.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "sparse_sam.h"
+
+// Lets the ahead-of-time build be imported as the Python module sparse_sam._C; importing it runs the
+// static registrations below. The module itself has no attributes.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "sparse_sam compiled ops (torch.ops.sparse_sam)", -1,
+                            nullptr};
+  return PyModule_Create(&def);
+}
+
+TORCH_LIBRARY(sparse_sam, m) {
+  m.def("topk_mask(Tensor[] scores, int[] ks) -> Tensor[]");
+  m.def("sam_weight_forward(Tensor weight, Tensor mask, Tensor delta) -> Tensor");
+  m.def(
+      "sam_weight_backward(Tensor grad, Tensor mask, Tensor delta, ScalarType scores_dtype, bool dense)"
+      " -> (Tensor, Tensor)");
+  m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sparse_sam, CPU, m) {
+  m.impl("topk_mask", &sparse_sam::topk_mask_cpu);
+  m.impl("sam_weight_forward", &sparse_sam::sam_weight_forward_cpu);
+  m.impl("sam_weight_backward", &sparse_sam::sam_weight_backward_cpu);
+  m.impl("swap_", &sparse_sam::swap_cpu);
+}
+
+#ifdef SPARSE_SAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(sparse_sam, CUDA, m) {
+  m.impl("topk_mask", &sparse_sam::topk_mask_cuda);
+  m.impl("sam_weight_forward", &sparse_sam::sam_weight_forward_cuda);
+  m.impl("sam_weight_backward", &sparse_sam::sam_weight_backward_cuda);
+  m.impl("swap_", &sparse_sam::swap_cuda);
+}
+#endif

@@ -1,0 +1,326 @@
+"""The ``cpp`` backend (compiled extension, CPU kernels) against the reference ops.
+
+Masks and swaps must match bit for bit; ``sam_weight`` results too (same arithmetic, same rounding).
+"""
+import pytest
+import torch
+
+from sparse_sam import backends, ops, reference
+from sparse_sam.reference import bits_view
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Below / above the size at which a layer is split across threads (both code paths).
+SHAPES = [(1,), (7,), (33, 5), (3, 3, 3, 3), (257, 1031), (3, 100_003)]
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    ok, why = backends.available("cpp", "cpu", "topk_mask")
+    if not ok:
+        pytest.skip(f"cpp backend unavailable: {why}")
+    return backends.get("cpp")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_masks_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bool and g.shape == w.shape
+        assert torch.equal(g, w), f"{int((g != w).sum())} mask entries differ"
+
+
+# ---------------------------------------------------------------------------------------- topk_mask
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_topk_random_odd_shapes(cpp, dtype):
+    g = gen(0)
+    scores = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    for frac in (0.01, 0.37, 0.999):
+        ks = [max(0, min(s.numel(), round(frac * s.numel()))) for s in scores]
+        assert_masks_equal(cpp.topk_mask(scores, ks, None), reference.topk_mask_ref(scores, ks))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_topk_ties_and_signed_zeros(cpp, dtype):
+    g = gen(1)
+    scores = []
+    for s in SHAPES:
+        # Few distinct values, with -0.0 and +0.0 both present: ties decide most of the mask.
+        v = torch.randint(-2, 3, s, generator=g).to(dtype)
+        zero_sign = torch.rand(s, generator=g) < 0.5
+        v = torch.where((v == 0) & zero_sign, torch.tensor(-0.0, dtype=dtype), v)
+        scores.append(v)
+    assert any(bool((bits_view(s) == bits_view(torch.tensor(-0.0, dtype=dtype))).any()) for s in scores)
+    for ks in ([max(1, s.numel() // 3) for s in scores],
+               [int((s >= 0).sum()) for s in scores],  # threshold exactly at a value boundary
+               [int((s > 0).sum()) + (s.numel() > 1) for s in scores]):
+        ks = [min(k, s.numel()) for k, s in zip(ks, scores)]
+        assert_masks_equal(cpp.topk_mask(scores, ks, None), reference.topk_mask_ref(scores, ks))
+
+
+def test_topk_extreme_values(cpp):
+    g = gen(2)
+    big = torch.randn(300_001, generator=g)
+    big[::97] = float("inf")
+    big[5::101] = -float("inf")
+    big[7::89] = 1e-45  # denormal
+    big[11::83] = -1e-45
+    small = big[:999].clone()
+    ks = [1234, 500]
+    assert_masks_equal(cpp.topk_mask([big, small], ks, None), reference.topk_mask_ref([big, small], ks))
+
+
+@pytest.mark.parametrize("frac", [0.005, 0.05, 0.9])
+def test_topk_adversarial_to_sampling(cpp, frac):
+    """Scores whose regular subsample is unrepresentative (large values exactly on a stride) and
+    sorted / constant layers: whatever shortcut a kernel takes, the mask must stay exact."""
+    g = gen(12)
+    n = 64 * 1500
+    strided = torch.rand(n, generator=g)
+    for offset in (0, 31, 32, 63):
+        strided[offset::64] += 100.0
+    scores = [strided, torch.linspace(-3, 3, n), torch.linspace(3, -3, n), torch.full((n,), 0.25),
+              torch.randn(n, generator=g).sort().values.flip(0).contiguous()]
+    ks = [int(frac * n)] * len(scores)
+    assert_masks_equal(cpp.topk_mask(scores, ks, None), reference.topk_mask_ref(scores, ks))
+
+
+def test_topk_k_zero_full_and_size_one(cpp):
+    g = gen(3)
+    scores = [torch.randn(s, generator=g) for s in [(1,), (1,), (50,), (50,), (400_000,), (400_000,)]]
+    ks = [0, 1, 0, 50, 0, 400_000]
+    masks = cpp.topk_mask(scores, ks, None)
+    assert [int(m.sum()) for m in masks] == ks
+    assert_masks_equal(masks, reference.topk_mask_ref(scores, ks))
+
+
+@pytest.mark.parametrize("n", [10, 300_000])
+def test_topk_nan_raises_naming_layer(cpp, n):
+    g = gen(4)
+    scores = [torch.randn(n, generator=g) for _ in range(3)]
+    scores[1][n // 2] = float("nan")
+    for ks in ([1, 1, 1], [1, 0, 1]):  # NaN is an error even when the layer takes nothing
+        with pytest.raises(ValueError, match="#1"):
+            cpp.topk_mask(scores, ks, None)
+        with pytest.raises(ValueError, match="'dec.conv'"):
+            cpp.topk_mask(scores, ks, ["enc", "dec.conv", "head"])
+
+
+def test_topk_rejects_bad_k_through_torch_ops(cpp):
+    s = torch.randn(10)
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.sparse_sam.topk_mask([s], [11])
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.sparse_sam.topk_mask([s], [-1])
+
+
+def test_topk_non_contiguous_scores(cpp):
+    s = torch.randn(64, 48, generator=gen(5)).t()
+    assert_masks_equal(cpp.topk_mask([s], [100], None), reference.topk_mask_ref([s], [100]))
+
+
+# --------------------------------------------------------------------------------------- sam_weight
+def _special(t):
+    """Sprinkle -0.0, inf, NaN and denormals into a float tensor (in place)."""
+    flat = t.view(-1)
+    flat[::13] = -0.0
+    flat[1::17] = float("inf")
+    flat[2::19] = float("nan")
+    flat[3::23] = torch.finfo(t.dtype).tiny / 4
+    return t
+
+
+@pytest.mark.parametrize("wdtype,ddtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                           (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.float16), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(1,), (5, 3, 3, 3), (1001, 67)])
+def test_sam_weight_forward_bitexact(cpp, wdtype, ddtype, shape):
+    g = gen(6)
+    w = _special(torch.randn(shape, generator=g).to(wdtype))
+    m = torch.rand(shape, generator=g) < 0.3
+    v = torch.randn(shape, generator=g).to(ddtype)
+    want = reference.sam_weight_forward_ref(w, m, v)
+    got = cpp.sam_weight_forward(w, m, v)
+    assert got.dtype == wdtype and got.shape == w.shape
+    # NaN + v may carry either operand's payload depending on the instruction; compare NaN-ness there.
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(bits_view(got)[~nan], bits_view(want)[~nan])
+    # Masked-off entries are the weight's own bits, NaN payloads included.
+    assert torch.equal(bits_view(got)[~m], bits_view(w)[~m])
+
+
+@pytest.mark.parametrize("gdtype,ddtype,sdtype", [(torch.float32,) * 3, (torch.float64,) * 3,
+                                                  (torch.float16, torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float16, torch.float16),
+                                                  (torch.bfloat16, torch.float16, torch.float16),
+                                                  (torch.float32, torch.float64, torch.bfloat16)])
+@pytest.mark.parametrize("delta_grad", ["masked", "dense"])
+@pytest.mark.parametrize("shape", [(3,), (64, 3, 5, 5), (777, 129)])
+def test_sam_weight_backward_bitexact(cpp, gdtype, ddtype, sdtype, delta_grad, shape):
+    g = gen(7)
+    grad = (torch.randn(shape, generator=g) * 3).to(gdtype)
+    m = torch.rand(shape, generator=g) < 0.5
+    v = (torch.randn(shape, generator=g) * 1e-2).to(ddtype)
+    want = reference.sam_weight_backward_ref(grad, m, v, sdtype, delta_grad)
+    got = cpp.sam_weight_backward(grad, m, v, sdtype, delta_grad)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(bits_view(a), bits_view(b))
+
+
+def test_sam_weight_autograd_through_ops(cpp):
+    g = gen(8)
+    w = torch.randn(40, 9, generator=g)
+    m = torch.rand(40, 9, generator=g) < 0.2
+    v0 = torch.randn(40, 9, generator=g)
+    s0 = torch.randn(40, 9, generator=g)
+    outs = []
+    for backend in ("cpp", "torch"):
+        v, s = v0.clone().requires_grad_(), s0.clone().requires_grad_()
+        y = ops.sam_weight(w, m, v, s, backend=backend)
+        (y.sin() * torch.arange(9.0)).sum().backward()
+        outs.append((y.detach(), v.grad, s.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_sam_weight_rejects_bad_args(cpp):
+    w = torch.randn(4, 4)
+    with pytest.raises(TypeError, match="bool"):
+        torch.ops.sparse_sam.sam_weight_forward(w, torch.ones(4, 4), w)
+    with pytest.raises(ValueError, match="shape"):
+        torch.ops.sparse_sam.sam_weight_forward(w, torch.ones(4, 3, dtype=torch.bool), w)
+
+
+# ------------------------------------------------------------------------------------------- swap_
+def _special_bits(dtype, n, g):
+    """n values of dtype whose raw bits include NaN payloads, +-inf, -0.0 and denormals."""
+    ibits = bits_view(torch.empty(0, dtype=dtype)).dtype
+    info = torch.iinfo(ibits)
+    raw = torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(ibits)
+    vals = raw.view(dtype).clone()
+    specials = torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, torch.finfo(dtype).tiny / 8], dtype=dtype)
+    k = min(n, len(specials))
+    vals[:k] = specials[:k]
+    return vals
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_swap_bitexact_and_self_inverse(cpp, dtype, idx_dtype):
+    g = gen(9)
+    sizes = [1, 17, 4096, 100_003]
+    weights = [_special_bits(dtype, n, g) for n in sizes]
+    # Reshape one layer so flat indices address a multi-dim weight.
+    weights[2] = weights[2].view(64, 64)
+    before = [bits_view(w).clone() for w in weights]
+    indices = [torch.randperm(n, generator=g)[: max(1, n // 7)].sort().values.to(idx_dtype) for n in sizes]
+    values = [_special_bits(dtype, len(i), g) for i in indices]
+    vals_before = [bits_view(v).clone() for v in values]
+
+    ref_w = [w.clone() for w in weights]
+    ref_v = [v.clone() for v in values]
+    reference.swap_ref(ref_w, indices, ref_v)
+    cpp.swap_(weights, indices, values)
+    for a, b in zip(weights + values, ref_w + ref_v):
+        assert torch.equal(bits_view(a), bits_view(b))
+    assert any(not torch.equal(bits_view(a), b) for a, b in zip(weights, before))
+
+    cpp.swap_(weights, indices, values)  # self-inverse
+    for a, b in zip(weights + values, before + vals_before):
+        assert torch.equal(bits_view(a), b)
+
+
+@pytest.mark.parametrize("bad", ["negative", "too_large", "unsorted", "duplicate"])
+def test_swap_malformed_indices_leave_weights_untouched(cpp, bad):
+    g = gen(10)
+    weights = [torch.randn(100, generator=g), torch.randn(7, 9, generator=g)]
+    good = torch.tensor([1, 5, 50])
+    broken = {"negative": torch.tensor([-1, 3, 4]), "too_large": torch.tensor([0, 3, 63]),
+              "unsorted": torch.tensor([4, 3, 10]), "duplicate": torch.tensor([2, 9, 9])}[bad]
+    indices = [good, broken]
+    values = [torch.randn(3, generator=g), torch.randn(3, generator=g)]
+    snapshot = [bits_view(t).clone() for t in weights + values]
+    # Directly through torch.ops: the C++ op validates on its own, before writing the first layer.
+    with pytest.raises(ValueError, match="#1"):
+        torch.ops.sparse_sam.swap_(weights, indices, values)
+    with pytest.raises(ValueError):
+        cpp.swap_(weights, indices, values)
+    for t, b in zip(weights + values, snapshot):
+        assert torch.equal(bits_view(t), b)
+
+
+def test_swap_rejects_mismatched_metadata(cpp):
+    w = torch.randn(10)
+    with pytest.raises(ValueError, match="values of layer #0"):
+        torch.ops.sparse_sam.swap_([w], [torch.tensor([1, 2])], [torch.randn(3)])
+    with pytest.raises(ValueError, match="int32/int64"):
+        torch.ops.sparse_sam.swap_([w], [torch.tensor([1.0])], [torch.randn(1)])
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.sparse_sam.swap_([torch.randn(4, 4).t()], [torch.tensor([1])], [torch.randn(1)])
+
+
+# ---------------------------------------------------------------------------------------- loading
+def test_load_failure_is_reported_not_raised(cpp, monkeypatch, tmp_path, caplog):
+    """Without a prebuilt module or sources, backend() raises BackendUnavailable with the reason and
+    the failure is logged once."""
+    import sys
+
+    from sparse_sam import _ext
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(_ext, "_CSRC", str(tmp_path / "no-csrc"))
+    monkeypatch.setitem(sys.modules, "sparse_sam._C", None)  # makes the import fail
+    with caplog.at_level("WARNING", logger="sparse_sam"):
+        for _ in range(2):
+            with pytest.raises(backends.BackendUnavailable, match="no C\\+\\+ sources"):
+                _ext.backend("cpp")
+    assert sum("compiled extension unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_disabled_by_environment(monkeypatch):
+    from sparse_sam import _ext
+
+    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setenv("SPARSE_SAM_BUILD_EXT", "0")
+    with pytest.raises(backends.BackendUnavailable, match="SPARSE_SAM_BUILD_EXT=0"):
+        _ext.backend("cpp")
+
+
+def test_cuda_backend_needs_cuda_kernels(cpp):
+    from sparse_sam import _ext
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("sparse_sam::topk_mask", "CUDA"):
+        assert _ext.backend("cuda") is not None
+    else:
+        with pytest.raises(backends.BackendUnavailable, match="without CUDA"):
+            _ext.backend("cuda")
+
+
+# ---------------------------------------------------------------------------------------- routing
+def test_cpu_tensors_resolve_to_cpp(cpp, monkeypatch):
+    monkeypatch.delenv("SPARSE_SAM_BACKEND", raising=False)
+    for op in backends.OPS:
+        name, impl = backends.resolve(op, torch.zeros(1))
+        assert name == "cpp" and impl is cpp
+
+
+def test_public_ops_route_to_cpp(cpp, monkeypatch):
+    calls = []
+    real = torch.ops.sparse_sam.topk_mask
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(type(cpp), "topk_mask", staticmethod(lambda s, k, n=None: spy(s, k)), raising=True)
+    s = [torch.randn(30, generator=gen(11))]
+    m = ops.topk_mask(s, [4], backend="cpp")
+    assert calls and int(m[0].sum()) == 4

@@ -1,0 +1,92 @@
+"""The ``cuda`` backend (compiled extension, CUDA kernels) against the reference ops, on a GPU.
+
+Without a GPU these tests skip; the CUDA sources are still compiled by scripts/check_cuda_sources.sh.
+"""
+import pytest
+import torch
+
+from sparse_sam import backends, reference
+from sparse_sam.reference import bits_view
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    ok, why = backends.available("cuda", "cuda", "topk_mask")
+    if not ok:
+        pytest.skip(f"cuda backend unavailable: {why}")
+    return backends.get("cuda")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_topk_matches_reference(cuda_backend, dtype):
+    g = gen(0)
+    shapes = [(1,), (7,), (33, 5), (257, 1031), (3, 100_003)]
+    random = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    tied = [torch.randint(-2, 3, s, generator=g).to(dtype) for s in shapes]
+    tied[2].view(-1)[::3] = -0.0
+    for scores in (random, tied, random + tied):
+        for frac in (0.0, 0.01, 0.5, 1.0):
+            ks = [round(frac * s.numel()) for s in scores]
+            want = reference.topk_mask_ref(scores, ks)
+            got = cuda_backend.topk_mask([s.cuda() for s in scores], ks, None)
+            for a, b in zip(got, want):
+                assert torch.equal(a.cpu(), b)
+
+
+def test_topk_nan_names_layer(cuda_backend):
+    scores = [torch.randn(100, device="cuda"), torch.randn(5000, device="cuda")]
+    scores[1][77] = float("nan")
+    with pytest.raises(ValueError, match="'b'"):
+        cuda_backend.topk_mask(scores, [3, 3], ["a", "b"])
+
+
+@pytest.mark.parametrize("wdtype,ddtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("delta_grad", ["masked", "dense"])
+def test_sam_weight_matches_reference(cuda_backend, wdtype, ddtype, delta_grad):
+    g = gen(1)
+    shape = (129, 3, 5, 5)
+    w = torch.randn(shape, generator=g).to(wdtype)
+    w.view(-1)[::11] = -0.0
+    m = torch.rand(shape, generator=g) < 0.3
+    v = torch.randn(shape, generator=g).to(ddtype)
+    grad = torch.randn(shape, generator=g).to(wdtype)
+    got = cuda_backend.sam_weight_forward(w.cuda(), m.cuda(), v.cuda()).cpu()
+    assert torch.equal(bits_view(got), bits_view(reference.sam_weight_forward_ref(w, m, v)))
+    got = cuda_backend.sam_weight_backward(grad.cuda(), m.cuda(), v.cuda(), torch.float32, delta_grad)
+    want = reference.sam_weight_backward_ref(grad, m, v, torch.float32, delta_grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_swap_bitexact_and_validated(cuda_backend, dtype):
+    g = gen(2)
+    ibits = bits_view(torch.empty(0, dtype=dtype)).dtype
+    info = torch.iinfo(ibits)
+    weights = [torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(ibits).view(dtype).cuda()
+               for n in (5, 4099, 100_000)]
+    indices = [torch.randperm(w.numel(), generator=g)[: max(1, w.numel() // 9)].sort().values.cuda() for w in weights]
+    values = [torch.randint(info.min, info.max, (len(i),), generator=g, dtype=torch.int64).to(ibits).view(dtype).cuda()
+              for i in indices]
+    before = [bits_view(t).clone() for t in weights + values]
+    ref_w, ref_v = [w.cpu() for w in weights], [v.cpu() for v in values]
+    reference.swap_ref(ref_w, [i.cpu() for i in indices], ref_v)
+    cuda_backend.swap_(weights, indices, values)
+    for a, b in zip(weights + values, ref_w + ref_v):
+        assert torch.equal(bits_view(a).cpu(), bits_view(b))
+    bad = [indices[0], torch.tensor([3, 2], device="cuda"), indices[2]]
+    with pytest.raises(ValueError, match="#1"):
+        torch.ops.sparse_sam.swap_(weights, bad, [values[0], values[1][:2], values[2]])
+    cuda_backend.swap_(weights, indices, values)
+    for a, b in zip(weights + values, before):
+        assert torch.equal(bits_view(a), b)

@@ -1,0 +1,188 @@
+"""Patch files: round trips, both encodings, every bad-file case, wrong base, atomic saves."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import sparse_sam
+from sparse_sam import PatchFileError, PatchMismatchError
+from conftest import PaperAutoEncoder, assert_same_bits, state_bits
+
+
+@pytest.fixture
+def trained():
+    torch.manual_seed(0)
+    model = PaperAutoEncoder(w=4)
+    handle = sparse_sam.patch(model, 0.05, seed=0)
+    with torch.no_grad():
+        for m in handle.layers.values():
+            m.delta.normal_(0, 0.1)
+    fp32, compact = handle.export("fp32"), handle.export("compact")
+    sparse_sam.unpatch(model)
+    return model, fp32, compact
+
+
+def test_round_trip_fp32_is_exact(trained, tmp_path):
+    model, patch, _ = trained
+    path = tmp_path / "p.sam"
+    patch.save(path)
+    loaded = sparse_sam.load_patch(path)
+    assert loaded.fingerprint == patch.fingerprint and loaded.num_modified == patch.num_modified
+    for a, b in zip(patch.layers, loaded.layers):
+        assert a.name == b.name and a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.deltas.view(torch.int32), b.deltas.view(torch.int32))
+    assert patch.nbytes == 8 * patch.num_modified
+    with patch.applied(model):
+        on_a = state_bits(model)
+    with loaded.applied(model):
+        assert_same_bits(on_a, state_bits(model))
+    assert not list(tmp_path.glob(".sam-*")), "temporary file left behind"
+
+
+def test_compact_round_trip_and_size(trained, tmp_path):
+    model, fp32, compact = trained
+    assert compact.nbytes <= 4 * compact.num_modified
+    compact.save(tmp_path / "c.sam")
+    loaded = sparse_sam.load_patch(tmp_path / "c.sam")
+    for a, b, f in zip(compact.layers, loaded.layers, fp32.layers):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.indices, f.indices)
+        assert torch.equal(a.deltas, b.deltas)
+        torch.testing.assert_close(b.deltas, f.deltas, rtol=1e-3, atol=1e-4)
+    before = state_bits(model)
+    with loaded.applied(model):
+        pass
+    assert_same_bits(before, state_bits(model))
+
+
+def test_compact_gap_escapes_for_long_gaps():
+    model = nn.Sequential(nn.Linear(1000, 300))  # 300k weights, k=3: gaps far above 65535
+    handle = sparse_sam.patch(model, 1e-5, seed=1)
+    with torch.no_grad():
+        handle.layers["0"].scores.view(-1)[[5, 140000, 299999]] = 100.0
+    handle.refresh_masks()
+    patch = handle.export("compact")
+    sparse_sam.unpatch(model)
+    assert patch.layers[0].indices.tolist() == [5, 140000, 299999]
+    tensors = patch._tensors()
+    assert (tensors["0.gaps"] == 0).sum() > 0  # escapes were needed
+    from sparse_sam.patchfile import _decode_gaps
+    assert _decode_gaps(tensors["0.gaps"]).tolist() == [5, 140000, 299999]
+
+
+def rewrite(path, out, tensors=None, meta=None):
+    t = load_file(path)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        m = json.loads(f.metadata()["sparse_sam"])
+    if tensors:
+        tensors(t)
+    if meta:
+        meta(m)
+    save_file(t, out, metadata={"sparse_sam": json.dumps(m)})
+    return out
+
+
+def _set(t, key, value):
+    t[key] = value
+
+
+BAD = {
+    "out_of_range": (lambda t: _set(t, "0.indices", torch.tensor(list(range(len(t["0.indices"]) - 1)) + [10**6],
+                                                                 dtype=torch.int32)), None, "outside"),
+    "duplicate": (lambda t: _set(t, "0.indices", torch.cat([t["0.indices"][:1], t["0.indices"][:-1]])), None,
+                  "strictly increasing"),
+    "unsorted": (lambda t: _set(t, "0.indices", t["0.indices"].flip(0)), None, "strictly increasing"),
+    "wrong_index_dtype": (lambda t: _set(t, "0.indices", t["0.indices"].long()), None, "int32"),
+    "wrong_delta_dtype": (lambda t: _set(t, "0.deltas", t["0.deltas"].double()), None, "float32"),
+    "wrong_count": (lambda t: _set(t, "0.deltas", t["0.deltas"][:-1]), None, "declares k="),
+    "missing_tensor": (lambda t: t.pop("1.deltas"), None, "missing"),
+    "extra_tensor": (lambda t: _set(t, "evil", torch.zeros(1)), None, "unexpected"),
+    "bad_format": (None, lambda m: m.update(format="other"), "format"),
+    "future_version": (None, lambda m: m.update(version=99), "newer"),
+    "bad_layer_spec": (None, lambda m: m["layers"][0].pop("shape"), "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_raise_clear_errors(trained, tmp_path, case):
+    model, patch, _ = trained
+    path = str(tmp_path / "good.sam")
+    patch.save(path)
+    tens, meta, match = BAD[case]
+    bad = rewrite(path, str(tmp_path / "bad.sam"), tens, meta)
+    before = state_bits(model)
+    with pytest.raises(PatchFileError, match=match):
+        sparse_sam.load_patch(bad)
+    assert_same_bits(before, state_bits(model))
+
+
+def test_truncated_and_garbage_files(trained, tmp_path):
+    _, patch, _ = trained
+    path = tmp_path / "p.sam"
+    patch.save(path)
+    data = path.read_bytes()
+    for i, blob in enumerate([data[: len(data) // 2], data[:7], b"not a patch at all", b""]):
+        p = tmp_path / f"bad{i}.sam"
+        p.write_bytes(blob)
+        with pytest.raises(PatchFileError, match="truncated or corrupt"):
+            sparse_sam.load_patch(p)
+
+
+def test_mismatched_models_raise_and_stay_untouched(trained):
+    model, patch, _ = trained
+    other = PaperAutoEncoder(w=4)  # same architecture, different base weights
+    before = state_bits(other)
+    with pytest.raises(PatchMismatchError, match="fingerprint"):
+        patch.apply(other)
+    assert_same_bits(before, state_bits(other))
+    patch.apply(other, strict=False)
+    assert any(not torch.equal(before[k], v) for k, v in state_bits(other).items())
+    patch.remove(other)
+    assert_same_bits(before, state_bits(other))
+    wider = PaperAutoEncoder(w=5)
+    with pytest.raises(PatchMismatchError, match="shape"):
+        patch.apply(wider)
+    with pytest.raises(PatchMismatchError, match="does not exist"):
+        patch.apply(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(PatchMismatchError, match="float64"):
+        patch.apply(PaperAutoEncoder(w=4).double())
+
+
+def test_double_apply_and_remove_without_apply(trained):
+    model, patch, compact = trained
+    with pytest.raises(PatchMismatchError, match="not applied"):
+        patch.remove(model)
+    patch.apply(model)
+    with pytest.raises(PatchMismatchError, match="already applied"):
+        patch.apply(model)
+    with pytest.raises(PatchMismatchError, match="another patch"):
+        compact.apply(model)
+    with pytest.raises(PatchMismatchError, match="not applied"):
+        compact.remove(model)
+    patch.remove(model)
+
+
+def test_failed_save_keeps_previous_file(trained, tmp_path, monkeypatch):
+    _, patch, compact = trained
+    path = tmp_path / "p.sam"
+    patch.save(path)
+    old = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        compact.save(path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.sam"]
+
+
+def test_sizes_and_ratio(trained):
+    model, patch, compact = trained
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert patch.ratio(model) == pytest.approx(patch.nbytes / model_bytes)
+    assert compact.nbytes < patch.nbytes
