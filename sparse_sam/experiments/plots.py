@@ -6,6 +6,13 @@ from .domains import save_domain_grid
 __all__ = ["fig2", "fig3", "fig4", "memory"]
 
 
+def _gamma_axis(ax, gammas_pct) -> None:
+    # Label exactly the γ values that were run; log-axis defaults print them as 3×10⁻¹.
+    ax.set_xscale("log")
+    ax.set_xticks(gammas_pct, [f"{g:g}" for g in gammas_pct])
+    ax.minorticks_off()
+
+
 def _plt():
     try:
         import matplotlib
@@ -76,7 +83,7 @@ def fig4(report: dict, path: str) -> None:
         d = res["domains"][c]["baseline_da"]["psnr"]
         ax.axhline(d["domain"], color="k", ls=":", label="baseline DA")
         ax.axhline(d["domain_pretrained"], color="gray", ls="-.", label="un-adapted")
-        ax.set_xscale("log")
+        _gamma_axis(ax, sorted({r["gamma"] * 100 for r in rows}))
         ax.set_xlabel("sparsity γ (%)")
         ax.set_title(c)
         ax.grid(alpha=0.3)
@@ -97,7 +104,8 @@ def memory(report: dict, path: str) -> None:
     for enc, st in (("fp32", "o-"), ("compact", "s-")):
         ax.plot(gs, [r["patch_bytes"][enc] for r in rows], st, label=f"patch ({enc})")
     ax.axhline(rows[0]["model_bytes"], color="k", ls=":", label="model weights (fp32)")
-    ax.set_xscale("log"), ax.set_yscale("log")
+    _gamma_axis(ax, gs)
+    ax.set_yscale("log")
     ax.set_xlabel("sparsity γ (%)"), ax.set_ylabel("bytes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
