@@ -18,7 +18,7 @@ install-test: install
 	$(PIP) install -q --no-build-isolation -e ".[test,triton,experiments]"
 
 demo: install
-	$(PYTHON) examples/adapt_autoencoder.py
+	$(PYTHON) -m sparse_sam.experiments.reproduce --preset quick --data embedded --out results/quick
 
 test: install-test
 	$(PYTHON) -m sparse_sam.info
