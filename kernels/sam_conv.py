@@ -141,6 +141,17 @@ def _launch(x, weight, mask, delta, bias, out, C, CO, kh, kw, stride, padding, d
     return out
 
 
+def _run_fused(input, weight, mask, delta, bias, out_shape, stride, padding, dilation, *, transposed: bool):
+    """Allocate the ``(N, C_out, H_out, W_out)`` output and launch the fused kernel (both conv kinds)."""
+    out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    return _launch(input.contiguous(), weight.detach().contiguous(), mask.contiguous(), delta.detach().contiguous(),
+                   None if bias is None else bias.detach().contiguous(), out, c_in, c_out, weight.shape[2],
+                   weight.shape[3], stride, padding, dilation, transposed=transposed)
+
+
 def sam_conv2d_forward(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
                        stride=1, padding=0, dilation=1, groups: int = 1, *, fused: bool | None = None):
     """``F.conv2d(input, where(m, W + v, W), bias, stride, padding, dilation, groups)`` without
@@ -160,12 +171,7 @@ def sam_conv2d_forward(input: Tensor, weight: Tensor, mask: Tensor, delta: Tenso
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * oh * ow * co * c * kh * kw, fused):
         return None
-    out = torch.empty((n, co, oh, ow), dtype=input.dtype, device=input.device)
-    if out.numel() == 0:
-        return out
-    return _launch(input.contiguous(), weight.detach().contiguous(), mask.contiguous(), delta.detach().contiguous(),
-                   None if bias is None else bias.detach().contiguous(), out, c, co, kh, kw, stride, padding,
-                   dilation, transposed=False)
+    return _run_fused(input, weight, mask, delta, bias, (n, co, oh, ow), stride, padding, dilation, transposed=False)
 
 
 def sam_conv_transpose2d_forward(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor,
@@ -190,9 +196,4 @@ def sam_conv_transpose2d_forward(input: Tensor, weight: Tensor, mask: Tensor, de
     ow = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
     if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * h * w * co * c * kh * kw, fused):
         return None
-    out = torch.empty((n, co, oh, ow), dtype=input.dtype, device=input.device)
-    if out.numel() == 0:
-        return out
-    return _launch(input.contiguous(), weight.detach().contiguous(), mask.contiguous(), delta.detach().contiguous(),
-                   None if bias is None else bias.detach().contiguous(), out, c, co, kh, kw, stride, padding,
-                   dilation, transposed=True)
+    return _run_fused(input, weight, mask, delta, bias, (n, co, oh, ow), stride, padding, dilation, transposed=True)

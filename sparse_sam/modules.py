@@ -43,6 +43,11 @@ class SAMLayer(nn.Module):
         self._refresh = None  # set by the handle: recomputes every layer's mask in one call
 
     def _ensure_mask(self) -> None:
+        # Inside a torch.compile'd forward the mask is read as the buffer it is: a tensor's ``_version``
+        # cannot be traced, and the handle already refreshes every mask after each optimiser step (see
+        # SAMHandle), outside any compiled region.
+        if torch.compiler.is_compiling():
+            return
         if self._refresh is not None and self._mask_version != self.scores._version:
             self._refresh()
 

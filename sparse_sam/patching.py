@@ -8,10 +8,12 @@ touches lives outside the SAM layers' own ``scores``/``delta``, which leave with
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops
 from .budget import ALLOCATIONS, DEFAULT_LAYERS, budgets_for, layer_dims, select_layers
@@ -57,6 +59,11 @@ class SAMHandle:
             m._refresh = self.refresh_masks
         self.refresh_masks()
         self._initial_masks = [m.mask.clone() for m in layers.values()]
+        # Masks follow the scores eagerly after every optimiser step, so a torch.compile'd forward
+        # (which cannot check the scores' versions) always reads current masks. Eager forwards check
+        # again, which also catches scores edited by hand.
+        self._step_hook = register_optimizer_step_post_hook(_refresh_after_step(self))
+        weakref.finalize(self, self._step_hook.remove)  # a handle dropped without unpatch leaves no hook
 
     # -- masks ------------------------------------------------------------------------------------
     def refresh_masks(self) -> None:
@@ -67,6 +74,11 @@ class SAMHandle:
         for m, mask in zip(mods, masks):
             m.mask.copy_(mask)
             m._mask_version = m.scores._version
+
+    def refresh_stale_masks(self) -> None:
+        """Recompute the masks if any layer's scores changed since they were last computed."""
+        if any(m._mask_version != m.scores._version for m in self.layers.values()):
+            self.refresh_masks()
 
     def flipped_fraction(self) -> float:
         """Fraction of mask entries (over all layers) that differ from the mask at patch time."""
@@ -125,6 +137,18 @@ class SAMHandle:
     def unpatch(self) -> nn.Module:
         """Put the original modules back (same as :func:`unpatch`)."""
         return unpatch(self.model)
+
+
+def _refresh_after_step(handle: SAMHandle):
+    """An optimiser step post-hook that refreshes ``handle``'s masks; holds the handle weakly."""
+    ref = weakref.ref(handle)
+
+    def hook(optimizer, args, kwargs) -> None:
+        h = ref()
+        if h is not None:
+            h.refresh_stale_masks()
+
+    return hook
 
 
 def _freeze_norms(model: nn.Module, norm: str) -> list[Callable[[], None]]:
@@ -232,6 +256,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for undo in reversed(handle._restore):
         undo()
     object.__delattr__(model, _HANDLE_ATTR)
+    handle._step_hook.remove()
     for m in handle.layers.values():
         m._refresh = None
     return model

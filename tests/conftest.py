@@ -44,6 +44,25 @@ def backend_params(op: str, device_type: str = "cpu"):
     return out
 
 
+def _backend_or_skip(name: str, device_type: str):
+    ok, why = backends.available(name, device_type, "topk_mask")
+    if not ok:
+        pytest.skip(f"{name} backend unavailable: {why}")
+    return backends.get(name)
+
+
+@pytest.fixture(scope="session")
+def cpp():
+    """The compiled CPU backend; tests that use it skip with the registry's reason when it is missing."""
+    return _backend_or_skip("cpp", "cpu")
+
+
+@pytest.fixture(scope="session")
+def cuda_backend():
+    """The compiled CUDA backend; skips with the registry's reason without a GPU or a CUDA build."""
+    return _backend_or_skip("cuda", "cuda")
+
+
 @pytest.fixture
 def paper_ae():
     torch.manual_seed(0)

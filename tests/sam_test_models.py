@@ -2,6 +2,19 @@
 import torch.nn as nn
 
 
+class TinyConvNet(nn.Module):
+    """One layer of each patchable kind. Input ``(N, 3, 8, 8)`` → ``(N, 5)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        return self.fc(self.up(self.conv(x).relu()).flatten(1))
+
+
 class PaperAutoEncoder(nn.Module):
     """The paper's shape: 6 conv (Tx) + 6 transposed conv (Rx), BatchNorm + activations, 3×32×32 ↔ 512."""
 

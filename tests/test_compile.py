@@ -1,18 +1,9 @@
 """The compiled ops under torch.compile: fake kernels, schemas, and a patched model's forward."""
 import pytest
 import torch
-import torch.nn as nn
 
 import sparse_sam
-from sparse_sam import backends
-
-
-@pytest.fixture(scope="module")
-def cpp():
-    ok, why = backends.available("cpp", "cpu", "topk_mask")
-    if not ok:
-        pytest.skip(f"cpp backend unavailable: {why}")
-    return backends.get("cpp")
+from sam_test_models import TinyConvNet
 
 
 def _sam_inputs(shape=(6, 5, 3, 3), seed=0):
@@ -45,21 +36,10 @@ def test_compiled_functional_ops_match_eager(cpp):
     assert torch.equal(compiled(x, w, m, v), f(x, w, m, v))
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
-        self.fc = nn.Linear(4 * 16 * 16, 5)
-
-    def forward(self, x):
-        return self.fc(self.up(self.conv(x).relu()).flatten(1))
-
-
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiled_patched_model_matches_eager(cpp, compile_backend):
     torch.manual_seed(0)
-    model = _Tiny()
+    model = TinyConvNet()
     handle = sparse_sam.patch(model, 0.05, seed=0, backend="cpp")
     with torch.no_grad():  # a non-trivial patch: some deltas under the mask
         for layer in handle.layers.values():
@@ -80,3 +60,69 @@ def test_compiled_patched_model_matches_eager(cpp, compile_backend):
         torch.testing.assert_close(gd_c, gd_e)
         torch.testing.assert_close(gs_c, gs_e)
     sparse_sam.unpatch(model)
+
+
+def _patched_tiny(seed=0):
+    torch.manual_seed(seed)
+    model = TinyConvNet()
+    handle = sparse_sam.patch(model, 0.05, seed=seed, backend="cpp")
+    with torch.no_grad():
+        for layer in handle.layers.values():
+            layer.delta.normal_()
+    return model, handle
+
+
+def test_patched_forward_compiles_without_graph_breaks(cpp):
+    """The whole patched forward is one graph: nothing in the SAM layers forces dynamo back to Python."""
+    model, handle = _patched_tiny()
+    x = torch.randn(2, 3, 8, 8)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    sparse_sam.unpatch(model)
+
+
+def test_compiled_model_sees_masks_updated_by_optimiser_steps(cpp):
+    """A compiled forward cannot check the scores itself: the handle refreshes masks after each step."""
+    model, handle = _patched_tiny(seed=1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opt = torch.optim.SGD(handle.param_groups(lr_scores=50.0, lr_delta=0.1))
+    x = torch.randn(2, 3, 8, 8)
+    before = [layer.mask.clone() for layer in handle.layers.values()]
+    for _ in range(2):
+        opt.zero_grad()
+        compiled(x).square().sum().backward()
+        opt.step()
+    # The step hook has already brought every mask up to date with the new scores ...
+    masks = [layer.mask.clone() for layer in handle.layers.values()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, masks)), "the scores step flipped no mask entry"
+    fresh = sparse_sam.ops.topk_mask([l.scores for l in handle.layers.values()], [l.k for l in handle.layers.values()])
+    assert all(torch.equal(a, b) for a, b in zip(masks, fresh))
+    # ... so the compiled forward (no version checks inside) equals eager.
+    torch.testing.assert_close(compiled(x), model(x))
+    sparse_sam.unpatch(model)
+
+
+def test_step_hook_goes_with_the_handle(cpp):
+    """The optimiser step hook fires while patched and is gone after unpatch or once the handle dies."""
+    import gc
+
+    model, handle = _patched_tiny()
+    calls = []
+    handle.refresh_stale_masks = lambda: calls.append(1)
+    other = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([other], lr=0.1)
+    other.grad = torch.ones(3)
+    opt.step()
+    assert calls == [1]
+    hook = handle._step_hook
+    sparse_sam.unpatch(model)
+    opt.step()
+    assert calls == [1] and hook.id not in hook.hooks_dict_ref()
+    model2, handle2 = _patched_tiny()
+    hook2 = handle2._step_hook
+    assert hook2.id in hook2.hooks_dict_ref()
+    del model2, handle2  # a patched model thrown away without unpatch
+    gc.collect()
+    assert hook2.id not in hook2.hooks_dict_ref()

@@ -15,14 +15,6 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7,), (33, 5), (3, 3, 3, 3), (257, 1031), (3, 100_003)]
 
 
-@pytest.fixture(scope="module")
-def cpp():
-    ok, why = backends.available("cpp", "cpu", "topk_mask")
-    if not ok:
-        pytest.skip(f"cpp backend unavailable: {why}")
-    return backends.get("cpp")
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

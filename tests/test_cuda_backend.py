@@ -5,21 +5,13 @@ Without a GPU these tests skip; the CUDA sources are still compiled by scripts/c
 import pytest
 import torch
 
-from sparse_sam import backends, reference
+from sparse_sam import reference
 from sparse_sam.reference import bits_view
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend needs a CUDA device"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cuda_backend():
-    ok, why = backends.available("cuda", "cuda", "topk_mask")
-    if not ok:
-        pytest.skip(f"cuda backend unavailable: {why}")
-    return backends.get("cuda")
 
 
 def gen(seed):

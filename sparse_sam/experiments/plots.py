@@ -24,6 +24,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str, title: str | None = None) -> None:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fig2(data, seed: int, path: str) -> None:
     """Samples of the original domain and of VA/VP/VC/VH (paper Fig. 2), from the domain test images."""
     save_domain_grid(data.dom_test, path, seed=seed, n=8)
@@ -61,10 +69,7 @@ def fig3(report: dict, path: str) -> None:
         ax.set_ylim(max(0.0, lo - 3), None)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Misalignment and realignment (preset {p['name']}, {report['data']['source']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, f"Misalignment and realignment (preset {p['name']}, {report['data']['source']})")
 
 
 def fig4(report: dict, path: str) -> None:
@@ -89,10 +94,7 @@ def fig4(report: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("domain PSNR (dB)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Domain PSNR vs sparsity (preset {p['name']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, f"Domain PSNR vs sparsity (preset {p['name']})")
 
 
 def memory(report: dict, path: str) -> None:
@@ -109,6 +111,4 @@ def memory(report: dict, path: str) -> None:
     ax.set_xlabel("sparsity γ (%)"), ax.set_ylabel("bytes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
