@@ -20,6 +20,9 @@ TORCH_LIBRARY(sparse_sam, m) {
       "sam_weight_backward(Tensor grad, Tensor mask, Tensor delta, ScalarType scores_dtype, bool dense)"
       " -> (Tensor, Tensor)");
   m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
+  // The cache of large CPU output blocks (csrc/cpu/alloc.cpp): {cached bytes, limit bytes, hits, misses}.
+  m.def("cpu_cache_stats() -> int[]", &sparse_sam::cpu_cache_stats);
+  m.def("cpu_cache_clear() -> ()", &sparse_sam::cpu_cache_clear);
 }
 
 TORCH_LIBRARY_IMPL(sparse_sam, CPU, m) {

@@ -2,6 +2,7 @@
 // argument checks both run before touching data. Semantics: sparse_sam/reference.py.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -66,6 +67,36 @@ template <typename... Ts>
 using acc_type_t = std::conditional_t<(std::is_same_v<Ts, double> || ...), double, float>;
 
 // ---------------------------------------------------------------------------------------------------
+// dtype dispatch of sam_weight (both backends): f(type_tag<W>{}, type_tag<V>{}) for the forward,
+// f(type_tag<G>{}, type_tag<V>{}, type_tag<S>{}) for the backward; `typename decltype(tag)::type` names it.
+template <typename T>
+struct type_tag {
+  using type = T;
+};
+
+// The ops check dtypes first (is_float_dtype), with messages naming the op and the argument.
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "sam_weight", [&] { f(type_tag<scalar_t>{}); });
+}
+
+template <typename F>
+void dispatch_sam_weight_forward(at::ScalarType w, at::ScalarType v, F&& f) {
+  dispatch_float(w, [&](auto wt) {
+    dispatch_float(v, [&](auto vt) { f(wt, vt); });
+  });
+}
+
+template <typename F>
+void dispatch_sam_weight_backward(at::ScalarType g, at::ScalarType v, at::ScalarType s, F&& f) {
+  dispatch_float(g, [&](auto gt) {
+    dispatch_float(v, [&](auto vt) {
+      dispatch_float(s, [&](auto st) { f(gt, vt, st); });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host-side checks (metadata only; the data-dependent checks run in each backend before any write).
 inline bool is_float_dtype(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
@@ -128,6 +159,12 @@ inline void raise_bad_indices(size_t layer, int64_t numel, int64_t lo, int64_t h
 }
 
 // ---------------------------------------------------------------------------------------------------
+// A fresh contiguous CPU tensor for an op's output; large ones come from a cache of freed blocks
+// (csrc/cpu/alloc.cpp). Stats: {cached bytes, limit bytes, hits, misses}.
+at::Tensor empty_output_cpu(at::IntArrayRef sizes, at::ScalarType dtype);
+std::vector<int64_t> cpu_cache_stats();
+void cpu_cache_clear();
+
 std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks);
 at::Tensor sam_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& delta);
 std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cpu(const at::Tensor& grad, const at::Tensor& mask,

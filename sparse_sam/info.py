@@ -23,7 +23,7 @@ def report() -> str:
     lines.append(f"cuda       {torch.version.cuda or 'none'}; "
                  + (f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda
                     else "no CUDA device"))
-    for var in ("SPARSE_SAM_BACKEND", "SPARSE_SAM_BUILD_EXT", "TRITON_INTERPRET"):
+    for var in ("SPARSE_SAM_BACKEND", "SPARSE_SAM_BUILD_EXT", "SPARSE_SAM_CPU_CACHE_MB", "TRITON_INTERPRET"):
         if os.environ.get(var) is not None:
             lines.append(f"env        {var}={os.environ[var]}")
     lines.append("")
@@ -31,6 +31,10 @@ def report() -> str:
     for name in backends.BACKENDS:
         probe = backends._load(name)
         lines.append(f"  {name:<7} {'available  ' if probe.impl is not None else 'unavailable'}  {probe.reason}")
+    if hasattr(torch.ops.sparse_sam, "cpu_cache_stats"):  # loaded with the compiled extension
+        cached, limit, hits, misses = torch.ops.sparse_sam.cpu_cache_stats()
+        lines.append(f"  cpp output cache: limit {limit / 2**20:.0f} MiB (SPARSE_SAM_CPU_CACHE_MB), "
+                     f"{cached / 2**20:.1f} MiB held, {hits} hits, {misses} misses")
     lines.append("")
     lines.append("resolution (automatic unless SPARSE_SAM_BACKEND is set):")
     for row in backends.explain():

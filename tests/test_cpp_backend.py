@@ -259,6 +259,58 @@ def test_swap_rejects_mismatched_metadata(cpp):
         torch.ops.sparse_sam.swap_([torch.randn(4, 4).t()], [torch.tensor([1])], [torch.randn(1)])
 
 
+# ---------------------------------------------------------------------------------------- output cache
+def test_large_outputs_reuse_freed_blocks_and_stay_exact(cpp):
+    """Large outputs come from a cache of freed blocks: a block that held other data is fully
+    overwritten, so results stay bit-identical to the reference."""
+    n = 700_001  # 2.8 MB of float32: cached; an odd size (not a multiple of the 2 MiB block)
+    g = gen(21)
+    torch.ops.sparse_sam.cpu_cache_clear()
+    first = cpp.sam_weight_forward(torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.5,
+                                   torch.randn(n, generator=g))
+    ptr = first.data_ptr()
+    del first  # its block goes to the cache, still holding those values
+    cached, limit, hits, misses = torch.ops.sparse_sam.cpu_cache_stats()
+    assert cached >= n * 4 and limit > 0
+    w, m, v = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.3, torch.randn(n, generator=g)
+    again = cpp.sam_weight_forward(w, m, v)
+    assert again.data_ptr() == ptr
+    assert torch.ops.sparse_sam.cpu_cache_stats()[2] == hits + 1
+    assert torch.equal(bits_view(again), bits_view(reference.sam_weight_forward_ref(w, m, v)))
+    # A bool mask in a block that held float bytes: every byte is rewritten to 0 or 1.
+    del again
+    scores = torch.randn(3 * n, generator=g)
+    mask = cpp.topk_mask([scores], [n // 7], None)[0]
+    assert torch.equal(mask.view(torch.uint8).unique(), torch.tensor([0, 1], dtype=torch.uint8))
+    assert torch.equal(mask, reference.topk_mask_ref([scores], [n // 7])[0])
+    del mask
+    torch.ops.sparse_sam.cpu_cache_clear()
+    assert torch.ops.sparse_sam.cpu_cache_stats()[0] == 0
+
+
+@pytest.mark.parametrize("value, expect", [("0", "off"), ("abc", "error")])
+def test_output_cache_environment(cpp, value, expect):
+    """SPARSE_SAM_CPU_CACHE_MB=0 turns the cache off; a malformed value is an error naming the variable."""
+    import ast
+    import subprocess
+    import sys
+
+    code = ("import torch, sparse_sam\n"
+            "from sparse_sam import backends\n"
+            "cpp = backends.get('cpp')\n"
+            "for _ in range(3): cpp.sam_weight_forward(torch.ones(600_000), torch.ones(600_000, dtype=torch.bool), "
+            "torch.ones(600_000))\n"
+            "print(torch.ops.sparse_sam.cpu_cache_stats())\n")
+    env = {**__import__("os").environ, "SPARSE_SAM_CPU_CACHE_MB": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if expect == "off":
+        assert out.returncode == 0, out.stderr
+        cached, limit, hits, misses = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+        assert (cached, limit, hits, misses) == (0, 0, 0, 0)
+    else:
+        assert out.returncode != 0 and "SPARSE_SAM_CPU_CACHE_MB" in out.stderr
+
+
 # ---------------------------------------------------------------------------------------- loading
 def test_load_failure_is_reported_not_raised(cpp, monkeypatch, tmp_path, caplog):
     """Without a prebuilt module or sources, backend() raises BackendUnavailable with the reason and

@@ -1,9 +1,7 @@
 // W_eff = where(m, W + v, W) and its fused backward on CPU, one pass each.
 #include "../sparse_sam.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <bit>
 
@@ -12,10 +10,9 @@ namespace {
 
 constexpr int64_t kGrain = int64_t(1) << 15;
 
-#define SPARSE_SAM_DISPATCH_FLOAT(st, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, name, __VA_ARGS__)
-
 // The mask is read as bytes: bool loads are not vectorised by the compiler.
+const uint8_t* mask_bytes(const at::Tensor& m) { return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>()); }
+
 template <typename w_t, typename v_t>
 void forward_kernel(const w_t* __restrict__ w, const uint8_t* __restrict__ m, const v_t* __restrict__ v,
                     w_t* __restrict__ out, int64_t n) {
@@ -58,13 +55,12 @@ void backward_kernel(const g_t* __restrict__ g, const uint8_t* __restrict__ m, c
 at::Tensor sam_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& delta) {
   check_sam_weight_args("sam_weight_forward", weight, mask, delta);
   const auto w = weight.contiguous(), m = mask.contiguous(), v = delta.contiguous();
-  auto out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
-  SPARSE_SAM_DISPATCH_FLOAT(w.scalar_type(), "sam_weight_forward", [&] {
-    using w_t = scalar_t;
-    SPARSE_SAM_DISPATCH_FLOAT(v.scalar_type(), "sam_weight_forward", [&] {
-      forward_kernel<w_t, scalar_t>(w.const_data_ptr<w_t>(), reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>()), v.const_data_ptr<scalar_t>(),
-                                    out.data_ptr<w_t>(), w.numel());
-    });
+  auto out = empty_output_cpu(weight.sizes(), weight.scalar_type());
+  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&](auto wt, auto vt) {
+    using w_t = typename decltype(wt)::type;
+    using v_t = typename decltype(vt)::type;
+    forward_kernel<w_t, v_t>(w.const_data_ptr<w_t>(), mask_bytes(m), v.const_data_ptr<v_t>(), out.data_ptr<w_t>(),
+                             w.numel());
   });
   return out;
 }
@@ -75,18 +71,14 @@ std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cpu(const at::Tensor& gra
   check_sam_weight_args("sam_weight_backward", grad, mask, delta);
   TORCH_CHECK_TYPE(is_float_dtype(scores_dtype), "sam_weight_backward: unsupported scores dtype ", scores_dtype);
   const auto g = grad.contiguous(), m = mask.contiguous(), v = delta.contiguous();
-  auto gd = at::empty(v.sizes(), v.options());
-  auto gs = at::empty(v.sizes(), v.options().dtype(scores_dtype));
-  SPARSE_SAM_DISPATCH_FLOAT(g.scalar_type(), "sam_weight_backward", [&] {
-    using g_t = scalar_t;
-    SPARSE_SAM_DISPATCH_FLOAT(v.scalar_type(), "sam_weight_backward", [&] {
-      using v_t = scalar_t;
-      SPARSE_SAM_DISPATCH_FLOAT(scores_dtype, "sam_weight_backward", [&] {
-        backward_kernel<g_t, v_t, scalar_t>(g.const_data_ptr<g_t>(), reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>()),
-                                            v.const_data_ptr<v_t>(), gd.data_ptr<v_t>(), gs.data_ptr<scalar_t>(),
-                                            v.numel(), dense);
-      });
-    });
+  auto gd = empty_output_cpu(v.sizes(), v.scalar_type());
+  auto gs = empty_output_cpu(v.sizes(), scores_dtype);
+  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&](auto gt, auto vt, auto st) {
+    using g_t = typename decltype(gt)::type;
+    using v_t = typename decltype(vt)::type;
+    using s_t = typename decltype(st)::type;
+    backward_kernel<g_t, v_t, s_t>(g.const_data_ptr<g_t>(), mask_bytes(m), v.const_data_ptr<v_t>(),
+                                   gd.data_ptr<v_t>(), gs.data_ptr<s_t>(), v.numel(), dense);
   });
   return {gd, gs};
 }

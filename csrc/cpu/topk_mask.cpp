@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <limits>
@@ -234,6 +235,20 @@ void resolve_candidates(const std::vector<int64_t>& cand, const std::vector<uint
   }
 }
 
+// Runs f(i) for i in [0, n) on all threads, each taking the next item as it finishes one (items are
+// uneven: a whole layer's sample next to one chunk; a static split left one thread with every sample).
+// List the costly items first.
+template <typename F>
+void parallel_items(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(i);
+    }
+  });
+}
+
 template <typename F>
 void with_keys(const Layer& L, F&& f) {
   dispatch_keys(L.dtype, "topk_mask", std::forward<F>(f));
@@ -244,7 +259,7 @@ void with_keys(const Layer& L, F&& f) {
 std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector<int64_t>& ids, bool sampling) {
   const int nthreads = at::get_num_threads();
   std::vector<Chunk> chunks;
-  std::vector<int64_t> samplers;  // region 1 items beyond the histogram chunks
+  std::vector<int64_t> samplers;  // sampled layers, largest first
   int64_t hist_size = 0;
   for (int64_t l : ids) {
     Layer& L = layers[l];
@@ -269,31 +284,36 @@ std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector
       hist_size += L.nbins * nthreads;
     }
   }
+  std::stable_sort(samplers.begin(), samplers.end(),
+                   [&](int64_t a, int64_t b) { return layers[a].n > layers[b].n; });
   const int64_t nc = static_cast<int64_t>(chunks.size());
   const int64_t ns = static_cast<int64_t>(samplers.size());
   std::vector<char> nan(layers.size(), 0);  // only ever set to 1, so concurrent writers agree
 
   // 1. Histograms (histogram layers), NaN scan (fill layers), brackets (sampled layers).
   std::vector<uint32_t> hist(hist_size, 0);
-  at::parallel_for(0, nc + ns, 1, [&](int64_t i0, int64_t i1) {
-    const int64_t tid = at::get_thread_num();
-    for (int64_t i = i0; i < i1; ++i) {
-      if (i >= nc) {
-        Layer& L = layers[samplers[i - nc]];
-        with_keys(L, [&](auto tr) { sample_bracket<decltype(tr)>(L); });
-        continue;
-      }
-      const Chunk& ch = chunks[i];
-      const Layer& L = layers[ch.layer];
-      bool has_nan = false;
-      if (L.mode == Mode::kHistogram) {
-        uint32_t* h = hist.data() + L.hist_base + tid * L.nbins;
-        with_keys(L, [&](auto tr) { has_nan = histogram_chunk<decltype(tr)>(L, ch, h); });
-      } else if (L.mode == Mode::kFill) {
-        with_keys(L, [&](auto tr) { has_nan = nan_scan<decltype(tr)>(L, ch); });
-      }
-      if (has_nan) nan[ch.layer] = 1;
+  // Only chunks of histogram and fill layers have work here; samples (a whole layer each) go first.
+  std::vector<int64_t> work;
+  for (int64_t c = 0; c < nc; ++c) {
+    if (layers[chunks[c].layer].mode != Mode::kSample) work.push_back(c);
+  }
+  parallel_items(ns + static_cast<int64_t>(work.size()), [&](int64_t i) {
+    if (i < ns) {
+      Layer& L = layers[samplers[i]];
+      with_keys(L, [&](auto tr) { sample_bracket<decltype(tr)>(L); });
+      return;
     }
+    const Chunk& ch = chunks[work[i - ns]];
+    const Layer& L = layers[ch.layer];
+    const int64_t tid = at::get_thread_num();
+    bool has_nan = false;
+    if (L.mode == Mode::kHistogram) {
+      uint32_t* h = hist.data() + L.hist_base + tid * L.nbins;
+      with_keys(L, [&](auto tr) { has_nan = histogram_chunk<decltype(tr)>(L, ch, h); });
+    } else {
+      with_keys(L, [&](auto tr) { has_nan = nan_scan<decltype(tr)>(L, ch); });
+    }
+    if (has_nan) nan[ch.layer] = 1;
   });
   for (int64_t l : ids) {
     Layer& L = layers[l];
@@ -314,19 +334,17 @@ std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector
 
   // 2. The mask outside the bucket / bracket, and the candidates inside it.
   std::vector<ChunkResult> res(nc);
-  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const Chunk& ch = chunks[c];
-      const Layer& L = layers[ch.layer];
-      if (L.mode == Mode::kFill) {
-        std::memset(L.out + ch.begin, L.k == L.n ? 1 : 0, ch.end - ch.begin);
-      } else if (L.mode == Mode::kHistogram) {
-        with_keys(L, [&](auto tr) { compare_chunk<decltype(tr)>(L, ch, res[c]); });
-      } else {
-        bool has_nan = false;
-        with_keys(L, [&](auto tr) { has_nan = bracket_chunk<decltype(tr)>(L, ch, res[c]); });
-        if (has_nan) nan[ch.layer] = 1;
-      }
+  parallel_items(nc, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const Layer& L = layers[ch.layer];
+    if (L.mode == Mode::kFill) {
+      std::memset(L.out + ch.begin, L.k == L.n ? 1 : 0, ch.end - ch.begin);
+    } else if (L.mode == Mode::kHistogram) {
+      with_keys(L, [&](auto tr) { compare_chunk<decltype(tr)>(L, ch, res[c]); });
+    } else {
+      bool has_nan = false;
+      with_keys(L, [&](auto tr) { has_nan = bracket_chunk<decltype(tr)>(L, ch, res[c]); });
+      if (has_nan) nan[ch.layer] = 1;
     }
   });
   for (int64_t l : ids) {
@@ -382,7 +400,7 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks)
   std::vector<int64_t> ids(nl);
   for (int64_t l = 0; l < nl; ++l) {
     flat[l] = scores[l].contiguous();
-    masks[l] = at::empty(scores[l].sizes(), scores[l].options().dtype(at::kBool));
+    masks[l] = empty_output_cpu(scores[l].sizes(), at::kBool);
     Layer& L = layers[l];
     L.dtype = flat[l].scalar_type();
     L.bits = flat[l].const_data_ptr();

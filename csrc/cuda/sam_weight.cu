@@ -2,13 +2,8 @@
 // and rounding as the CPU kernels (csrc/cpu/sam_weight.cpp).
 #include "common.cuh"
 
-#include <ATen/Dispatch.h>
-
 namespace sparse_sam::cuda {
 namespace {
-
-#define SPARSE_SAM_DISPATCH_FLOAT(st, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, name, __VA_ARGS__)
 
 template <typename w_t, typename v_t>
 __global__ void forward_kernel(const w_t* __restrict__ w, const bool* __restrict__ m, const v_t* __restrict__ v,
@@ -44,13 +39,12 @@ at::Tensor sam_weight_forward_cuda(const at::Tensor& weight, const at::Tensor& m
   const int64_t n = w.numel();
   if (n == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  SPARSE_SAM_DISPATCH_FLOAT(w.scalar_type(), "sam_weight_forward", [&] {
-    using w_t = scalar_t;
-    SPARSE_SAM_DISPATCH_FLOAT(v.scalar_type(), "sam_weight_forward", [&] {
-      cuda::forward_kernel<w_t, scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
-          w.const_data_ptr<w_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<scalar_t>(), out.data_ptr<w_t>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&](auto wt, auto vt) {
+    using w_t = typename decltype(wt)::type;
+    using v_t = typename decltype(vt)::type;
+    cuda::forward_kernel<w_t, v_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        w.const_data_ptr<w_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<v_t>(), out.data_ptr<w_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -67,17 +61,14 @@ std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cuda(const at::Tensor& gr
   const int64_t n = v.numel();
   if (n == 0) return {gd, gs};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  SPARSE_SAM_DISPATCH_FLOAT(g.scalar_type(), "sam_weight_backward", [&] {
-    using g_t = scalar_t;
-    SPARSE_SAM_DISPATCH_FLOAT(v.scalar_type(), "sam_weight_backward", [&] {
-      using v_t = scalar_t;
-      SPARSE_SAM_DISPATCH_FLOAT(scores_dtype, "sam_weight_backward", [&] {
-        cuda::backward_kernel<g_t, v_t, scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
-            g.const_data_ptr<g_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<v_t>(), gd.data_ptr<v_t>(),
-            gs.data_ptr<scalar_t>(), n, dense);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&](auto gt, auto vt, auto st) {
+    using g_t = typename decltype(gt)::type;
+    using v_t = typename decltype(vt)::type;
+    using s_t = typename decltype(st)::type;
+    cuda::backward_kernel<g_t, v_t, s_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        g.const_data_ptr<g_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<v_t>(), gd.data_ptr<v_t>(),
+        gs.data_ptr<s_t>(), n, dense);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gd, gs};
 }
