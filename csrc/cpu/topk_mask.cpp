@@ -10,7 +10,9 @@
 // nth_element, and keys equal to it go to the lowest indices.
 //
 // Work is split into chunks across all layers and the op runs in three parallel regions whatever the
-// number of layers: each region ends in a barrier, which is expensive when the machine is busy.
+// number of layers: each region ends in a barrier, which is expensive when the machine is busy. Inside
+// a region threads take work items as they finish one (whole-layer samples and candidate sets first),
+// so an uneven mix of layers keeps every thread busy.
 #include "../sparse_sam.h"
 
 #include <ATen/Parallel.h>
@@ -351,37 +353,38 @@ std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector
     TORCH_CHECK_VALUE(!nan[l], "topk_mask: scores of layer #", l, " contain NaN");
   }
 
-  // 3. Exact selection among the candidates, per layer; on this thread unless there are many
-  // candidates (heavy ties), as a parallel region can cost more than it saves on a busy machine.
+  // 3. Exact selection among the candidates: one work item per layer, the most candidates first.
   std::vector<char> missed(layers.size(), 0);
-  int64_t total_candidates = 0;
-  for (const ChunkResult& r : res) total_candidates += static_cast<int64_t>(r.cand.size());
-  const int64_t nids = static_cast<int64_t>(ids.size());
-  const int64_t grain = total_candidates < (int64_t(1) << 20) ? std::max<int64_t>(nids, 1) : 1;
-  at::parallel_for(0, nids, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const Layer& L = layers[ids[p]];
-      if (L.mode == Mode::kFill || (L.mode == Mode::kHistogram && L.take == L.bucket_count)) continue;
-      int64_t above = 0, count = 0;
-      for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
-        above += res[c].above;
-        count += static_cast<int64_t>(res[c].cand.size());
-      }
-      const int64_t take = L.mode == Mode::kSample ? L.k - above : L.take;
-      if (take < 0 || take > count) {  // the sampled bracket missed the threshold
-        missed[ids[p]] = 1;
-        continue;
-      }
-      std::vector<int64_t> cand;
-      std::vector<uint64_t> keys;
-      cand.reserve(count);
-      keys.reserve(count);
-      for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
-        cand.insert(cand.end(), res[c].cand.begin(), res[c].cand.end());
-        keys.insert(keys.end(), res[c].keys.begin(), res[c].keys.end());
-      }
-      resolve_candidates(cand, keys, take, L.out);
+  std::vector<int64_t> order;  // positions in ids of the layers with candidates to resolve
+  std::vector<int64_t> above(layers.size(), 0), count(layers.size(), 0);
+  for (int64_t p = 0; p < static_cast<int64_t>(ids.size()); ++p) {
+    const int64_t l = ids[p];
+    const Layer& L = layers[l];
+    if (L.mode == Mode::kFill || (L.mode == Mode::kHistogram && L.take == L.bucket_count)) continue;
+    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
+      above[l] += res[c].above;
+      count[l] += static_cast<int64_t>(res[c].cand.size());
     }
+    order.push_back(l);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return count[a] > count[b]; });
+  parallel_items(static_cast<int64_t>(order.size()), [&](int64_t i) {
+    const int64_t l = order[i];
+    const Layer& L = layers[l];
+    const int64_t take = L.mode == Mode::kSample ? L.k - above[l] : L.take;
+    if (take < 0 || take > count[l]) {  // the sampled bracket missed the threshold
+      missed[l] = 1;
+      return;
+    }
+    std::vector<int64_t> cand;
+    std::vector<uint64_t> keys;
+    cand.reserve(count[l]);
+    keys.reserve(count[l]);
+    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
+      cand.insert(cand.end(), res[c].cand.begin(), res[c].cand.end());
+      keys.insert(keys.end(), res[c].keys.begin(), res[c].keys.end());
+    }
+    resolve_candidates(cand, keys, take, L.out);
   });
   std::vector<int64_t> retry;
   for (int64_t l : ids) {
