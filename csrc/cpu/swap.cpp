@@ -40,7 +40,7 @@ template <typename U, typename I>
 void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
   // misses in flight.
-  constexpr int64_t kAhead = 32;
+  constexpr int64_t kAhead = 64;
   for (int64_t j = b; j < e; ++j) {
     if (j + kAhead < e) __builtin_prefetch(w + idx[j + kAhead], 1);
     U* p = w + idx[j];
