@@ -30,13 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autoencoder import SEMANTIC_DIM, SemanticAutoencoder, transmit
+from .autoencoder import SEMANTIC_DIM, SemanticAutoencoder, make_link, transmit
 
 __all__ = ["Scenario", "MethodResult", "TrainConfig", "ZFDAConfig", "RealignConfig", "SLFConfig",
            "psnr", "evaluate", "pair_outputs", "pretrain", "baseline_da", "zfda", "tuning", "equalizer",
            "slf", "param_bytes", "bits_equal"]
 
 FP32 = 4
+EVAL_LINK_SEED = 12345  # the channel noise of every evaluation (see pair_outputs)
 IMAGE_BYTES = 3 * 32 * 32  # an image travels as uint8 CHW, as it is stored
 SEMANTIC_BYTES = SEMANTIC_DIM * FP32
 
@@ -56,6 +57,7 @@ class Scenario:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    link: str = "identity"  # the pre-trained model's link: "identity", "awgn:SNR_DB" or "dmc:P[:BITS]"
 
     def misaligned_pair(self) -> tuple[SemanticAutoencoder, SemanticAutoencoder]:
         """(Tx model, Rx model) after the ``side`` AI adapted (baseline DA)."""
@@ -157,17 +159,25 @@ def psnr(y: Tensor, x: Tensor) -> Tensor:
 @torch.no_grad()
 def pair_outputs(tx: SemanticAutoencoder, rx: SemanticAutoencoder, x: Tensor, device: str = "cpu",
                  batch_size: int = 512, eq: nn.Module | None = None) -> Tensor:
-    """Reconstructions ``rx.decoder(eq(tx.encoder(x)))`` in eval mode, on the CPU; ``(N, 3, 32, 32)``."""
+    """Reconstructions ``rx.decoder(eq(tx.link(tx.encoder(x))))`` in eval mode, on the CPU;
+    ``(N, 3, 32, 32)``.
+
+    A noisy link draws its noise from a fixed seed here (the global RNG is left as it was), so every
+    method and every switched-on/off comparison sees the same channel realisation.
+    """
     mods = [tx, rx] + ([eq] if eq is not None else [])
     modes = [m.training for m in mods]
     for m in mods:
         m.eval()
     outs = []
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
     try:
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
-            z = tx.link(tx.encoder(xb))
-            outs.append(rx.decoder(eq(z) if eq is not None else z).cpu())
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(EVAL_LINK_SEED)
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i:i + batch_size].to(device)
+                z = tx.link(tx.encoder(xb))
+                outs.append(rx.decoder(eq(z) if eq is not None else z).cpu())
     finally:
         for m, t in zip(mods, modes):
             m.train(t)
@@ -254,7 +264,7 @@ def pretrain(sc: Scenario, cfg: TrainConfig, width: int = 32) -> MethodResult:
     """
     t0 = time.perf_counter()
     torch.manual_seed(sc.seed)
-    model = SemanticAutoencoder(width).to(sc.device)
+    model = SemanticAutoencoder(width, link=make_link(sc.link)).to(sc.device)
     model.train()
     opt = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     losses = _fit(lambda xb: F.mse_loss(model(xb), xb), sc.orig_train, opt, cfg.epochs, cfg.batch_size,

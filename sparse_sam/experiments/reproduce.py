@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from . import methods as M
+from .autoencoder import make_link
 from .data import Splits, load_data
 from .domains import DOMAIN_RANGES, DOMAINS, apply_domain
 
@@ -141,8 +142,14 @@ def _domain_sets(data: Splits, seed: int) -> dict[str, tuple[torch.Tensor, torch
 
 
 def run(preset: Preset, data_source: str = "embedded", root: str | None = None, out: str | None = None,
-        seed: int = 0, device: str = "cpu", progress: bool = True, plots: bool = True) -> dict:
-    """Run every experiment of ``preset``; write results to ``out`` (if given) and return them."""
+        seed: int = 0, device: str = "cpu", progress: bool = True, plots: bool = True,
+        link: str = "identity") -> dict:
+    """Run every experiment of ``preset``; write results to ``out`` (if given) and return them.
+
+    ``link`` is the channel between every Tx and Rx: ``"identity"`` (the paper's setting),
+    ``"awgn:SNR_DB"`` or ``"dmc:P[:BITS]"`` (see :func:`~sparse_sam.experiments.autoencoder.make_link`).
+    """
+    make_link(link)  # a bad spec fails here, before any training
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
@@ -153,7 +160,7 @@ def run(preset: Preset, data_source: str = "embedded", root: str | None = None, 
     timings["data"] = time.perf_counter() - t
     log(f"[data] {data.source}: {data.sizes()} ({timings['data']:.1f} s)")
 
-    base = M.Scenario(data.orig_train, data.orig_test, device=device, seed=seed, progress=progress)
+    base = M.Scenario(data.orig_train, data.orig_test, device=device, seed=seed, progress=progress, link=link)
     pre_res = M.pretrain(base, preset.pretrain, width=preset.width)
     pre = pre_res.artifact
     timings["pretrain"] = pre_res.wall_s
@@ -234,7 +241,7 @@ def run(preset: Preset, data_source: str = "embedded", root: str | None = None, 
     report = {"preset": asdict(preset), "data": {"source": data.source, "sizes": data.sizes(),
                                                  "orig_classes": data.orig_classes, "dom_classes": data.dom_classes,
                                                  **data.info},
-              "domain_ranges": DOMAIN_RANGES, "seed": seed, "versions": _versions(),
+              "domain_ranges": DOMAIN_RANGES, "seed": seed, "link": link, "versions": _versions(),
               "device": _device_info(device), "timings_s": timings, "results": results,
               "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("reproduce.py") else None}
     if out is not None:
@@ -301,7 +308,8 @@ def tables_md(report: dict) -> str:
     doms = res["domains"]
     codes = list(doms)
     slf_names = [f"slf_F{f}" for f in p["slf_frozen"]]
-    L = [f"# ZFDA reproduction — preset `{p['name']}`, data `{report['data']['source']}`, seed {report['seed']}", ""]
+    L = [f"# ZFDA reproduction — preset `{p['name']}`, data `{report['data']['source']}`, seed {report['seed']}, "
+         f"link `{report.get('link', 'identity')}`", ""]
     L += [f"Device: {report['device']}; total wall time {report['timings_s']['total']:.1f} s "
           f"(data {report['timings_s']['data']:.1f} s, pre-training {report['timings_s']['pretrain']:.1f} s).",
           f"Data sizes: {report['data']['sizes']}. Autoencoder width {p['width']}, "
@@ -411,14 +419,21 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=None, help="CIFAR-100 folder (cifar-100-python or its parent)")
     ap.add_argument("--out", default=None, help="output folder (default results/<preset>)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--link", default="identity",
+                    help="channel between Tx and Rx: identity (paper), awgn:SNR_DB, or dmc:P[:BITS] (default 4 bits)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
     a = ap.parse_args(argv)
     if a.data == "cifar100" and a.root is None:
         ap.error("--data cifar100 needs --root PATH")
+    try:
+        make_link(a.link)
+    except ValueError as e:
+        ap.error(f"--link: {e}")
     out = a.out or os.path.join("results", a.preset)
-    report = run(PRESETS[a.preset], a.data, a.root, out, a.seed, a.device, not a.no_progress, not a.no_plots)
+    report = run(PRESETS[a.preset], a.data, a.root, out, a.seed, a.device, not a.no_progress, not a.no_plots,
+                 link=a.link)
     print(tables_md(report))
     return 0 if all(report["results"]["checks"][k] for k in ("a_baseline_da_misaligns", "b_zfda_off_exact",
                                                              "c_zfda_beats_unadapted")) else 1
