@@ -288,6 +288,35 @@ def test_large_outputs_reuse_freed_blocks_and_stay_exact(cpp):
     assert torch.ops.sparse_sam.cpu_cache_stats()[0] == 0
 
 
+def _child_sam_weight(q):
+    from sparse_sam import backends as b
+
+    torch.set_num_threads(1)  # as DataLoader workers do: the parent's OpenMP pool does not survive fork
+    n = 600_000
+    g = torch.Generator().manual_seed(5)
+    w, m, v = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.5, torch.randn(n, generator=g)
+    out = b.get("cpp").sam_weight_forward(w, m, v)
+    q.put(bool(torch.equal(bits_view(out), bits_view(reference.sam_weight_forward_ref(w, m, v)))))
+
+
+def test_output_cache_works_in_a_forked_child(cpp):
+    """A forked child (as DataLoader workers are) gets a usable cache: fresh lock, inherited blocks."""
+    import multiprocessing as mp
+
+    keep = cpp.sam_weight_forward(torch.randn(600_000), torch.zeros(600_000, dtype=torch.bool),
+                                  torch.randn(600_000))
+    del keep  # a block now sits in the parent's cache and is inherited by the child
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_sam_weight, args=(q,), daemon=True)
+    p.start()
+    p.join(60)
+    if p.exitcode is None:
+        p.kill()
+        pytest.fail("the forked child hung")
+    assert p.exitcode == 0 and q.get(timeout=5) is True
+
+
 @pytest.mark.parametrize("value, expect", [("0", "off"), ("abc", "error")])
 def test_output_cache_environment(cpp, value, expect):
     """SPARSE_SAM_CPU_CACHE_MB=0 turns the cache off; a malformed value is an error naming the variable."""

@@ -17,6 +17,7 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
@@ -111,7 +112,13 @@ class BlockCache final : public c10::Allocator {
   bool enabled() const { return limit_ > 0; }
 
   static BlockCache& instance() {
-    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive static teardown
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();  // never destroyed: tensors may outlive static teardown
+      // A child forked while another thread held the lock (DataLoader workers fork) would block
+      // forever on its first large output: the child starts with a fresh, unlocked mutex.
+      pthread_atfork(nullptr, nullptr, [] { new (&instance().mu_) std::mutex(); });
+      return c;
+    }();
     return *cache;
   }
 
