@@ -358,6 +358,58 @@ def test_load_failure_is_reported_not_raised(cpp, monkeypatch, tmp_path, caplog)
     assert sum("compiled extension unavailable" in r.getMessage() for r in caplog.records) == 1
 
 
+_JIT_CHILD = """
+import json, os, sys, time
+import torch
+sys.modules["sparse_sam._C"] = None  # hide the prebuilt module: the loader must build from sources
+from sparse_sam import _ext, reference
+_ext._CSRC = os.environ["SPARSE_SAM_TEST_CSRC"]
+t = time.perf_counter()
+origin = _ext.origin()
+secs = time.perf_counter() - t
+g = torch.Generator().manual_seed(3)
+scores = [torch.randn(1000, generator=g), torch.randn(7, 11, generator=g)]
+got = _ext.backend("cpp").topk_mask(scores, [10, 7])
+ok = all(torch.equal(a, b) for a, b in zip(got, reference.topk_mask_ref(scores, [10, 7])))
+print(json.dumps({"origin": origin, "ok": ok, "secs": secs}))
+"""
+
+
+@pytest.mark.slow
+def test_jit_build_caches_and_rebuilds_on_source_change(tmp_path):
+    """Without the prebuilt module the extension is JIT-built from csrc/, loaded from the cache the next
+    time, and rebuilt after a source file changes."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from sparse_sam import _ext
+
+    if not os.path.isdir(_ext._CSRC):
+        pytest.skip("no csrc/ next to the package (installed without sources)")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(_ext._CSRC, csrc)
+    env = {**os.environ, "SPARSE_SAM_TEST_CSRC": str(csrc), "SPARSE_SAM_EXT_DIR": str(tmp_path / "cache")}
+
+    def load():
+        out = subprocess.run([sys.executable, "-c", _JIT_CHILD], env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        assert r["ok"] and r["origin"].startswith("JIT-built at " + str(tmp_path / "cache")), r
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.so")}
+
+    built = load()
+    assert built, "no shared library in the cache"
+    assert load() == built  # cached: nothing rebuilt
+    with open(csrc / "cpu" / "swap.cpp", "a") as f:
+        f.write("\n// changed\n")
+    rebuilt = load()
+    assert rebuilt != built and max(rebuilt.values()) > max(built.values())
+
+
 def test_disabled_by_environment(monkeypatch):
     from sparse_sam import _ext
 
