@@ -68,7 +68,7 @@ class _Probe:
 
 _torch_impl = types.SimpleNamespace(
     __name__="sparse_sam.backends.torch",
-    topk_mask=reference.topk_mask_ref,
+    topk_mask=reference.topk_mask_threshold,
     sam_weight_forward=reference.sam_weight_forward_ref,
     sam_weight_backward=reference.sam_weight_backward_ref,
     swap_=reference.swap_bits_unchecked_,

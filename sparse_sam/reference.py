@@ -27,6 +27,7 @@ __all__ = [
     "check_topk_args",
     "check_swap_args",
     "topk_mask_ref",
+    "topk_mask_threshold",
     "sam_weight_forward_ref",
     "sam_weight_backward_ref",
     "sam_weight_ref",
@@ -101,6 +102,32 @@ def topk_mask_ref(scores: Sequence[Tensor], ks: Sequence[int],
         order = torch.sort(key, stable=True).indices[: int(k)]
         m = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         m[order] = True
+        masks.append(m.view(s.shape))
+    return masks
+
+
+def topk_mask_threshold(scores: Sequence[Tensor], ks: Sequence[int],
+                        names: Sequence[str] | None = None) -> list[Tensor]:
+    """:func:`topk_mask_ref`'s result by threshold instead of a full sort: the ``torch`` backend's
+    implementation (a stable sort of every layer made it 10x slower than a plain ``torch.topk`` loop).
+
+    Per layer: ``t`` = the k-th largest score (``torch.topk``); every score ``> t`` is in, and the
+    first ``k - #{s > t}`` scores equal to ``t`` in index order fill the budget. No host sync.
+    Shapes as in :func:`topk_mask_ref`.
+    """
+    check_topk_args(scores, ks, names)
+    masks = []
+    for i, (s, k) in enumerate(zip(scores, ks)):
+        flat, k = s.detach().reshape(-1), int(k)
+        if torch.isnan(flat).any():
+            raise ValueError(f"topk_mask: scores of layer {_layer_name(names, i)} contain NaN")
+        if k == 0:
+            masks.append(torch.zeros(s.shape, dtype=torch.bool, device=s.device))
+            continue
+        t = flat.topk(k, sorted=False).values.min()
+        above, tie = flat > t, flat == t  # -0.0 == +0.0, as in the reference's ordering
+        room = k - above.sum(dtype=torch.int64)
+        m = above | (tie & (tie.cumsum(0, dtype=torch.int64) <= room))
         masks.append(m.view(s.shape))
     return masks
 

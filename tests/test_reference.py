@@ -15,43 +15,68 @@ def brute_topk(s: torch.Tensor, k: int) -> torch.Tensor:
     return m.view(s.shape)
 
 
+# The spec (stable sort) and the torch backend's threshold selection must agree everywhere.
+TOPK_IMPLS = [pytest.param(R.topk_mask_ref, id="sort"), pytest.param(R.topk_mask_threshold, id="threshold")]
+
+
+@pytest.mark.parametrize("topk", TOPK_IMPLS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (4, 3, 3, 3)])
 @pytest.mark.parametrize("distinct", [2, 3, 1000])
-def test_topk_ref_matches_brute_force_on_ties(shape, distinct):
+def test_topk_ref_matches_brute_force_on_ties(topk, shape, distinct):
     g = torch.Generator().manual_seed(hash((shape, distinct)) % 2**31)
     s = torch.randint(0, distinct, shape, generator=g).float() - distinct // 2
     n = s.numel()
     for k in sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1))):
-        (m,) = R.topk_mask_ref([s], [k])
+        (m,) = topk([s], [k])
         assert int(m.sum()) == k
         assert torch.equal(m, brute_topk(s, k)), (shape, k)
 
 
-def test_topk_ref_negative_zero_ties_with_positive_zero():
+@pytest.mark.parametrize("topk", TOPK_IMPLS)
+def test_topk_ref_negative_zero_ties_with_positive_zero(topk):
     s = torch.tensor([-0.0, 0.0, -0.0, 0.0, -1.0])
-    (m,) = R.topk_mask_ref([s], [3])
+    (m,) = topk([s], [3])
     assert m.tolist() == [True, True, True, False, False]
 
 
-def test_topk_ref_several_layers_and_inf():
+@pytest.mark.parametrize("topk", TOPK_IMPLS)
+def test_topk_ref_several_layers_and_inf(topk):
     s1 = torch.tensor([float("inf"), 1.0, float("-inf"), 2.0])
     s2 = torch.randn(5, 5)
-    m1, m2 = R.topk_mask_ref([s1, s2], [2, 25])
+    m1, m2 = topk([s1, s2], [2, 25])
     assert m1.tolist() == [True, False, False, True]
     assert bool(m2.all())
 
 
-def test_topk_ref_nan_names_layer():
+@pytest.mark.parametrize("topk", TOPK_IMPLS)
+def test_topk_ref_nan_names_layer(topk):
     s = torch.randn(10)
     s[3] = float("nan")
     with pytest.raises(ValueError, match="'dec.1'"):
-        R.topk_mask_ref([torch.randn(3), s], [1, 1], names=["enc.0", "dec.1"])
+        topk([torch.randn(3), s], [1, 1], names=["enc.0", "dec.1"])
 
 
+@pytest.mark.parametrize("topk", TOPK_IMPLS)
 @pytest.mark.parametrize("k", [-1, 11, 2.5])
-def test_topk_ref_bad_k(k):
+def test_topk_ref_bad_k(topk, k):
     with pytest.raises(ValueError, match="outside"):
-        R.topk_mask_ref([torch.randn(10)], [k])
+        topk([torch.randn(10)], [k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_topk_threshold_equals_sort_on_coarse_values(dtype):
+    """Many layers of odd sizes, values on a coarse grid (heavy ties), signed zeros and infinities."""
+    g = torch.Generator().manual_seed(7)
+    scores, ks = [], []
+    for n in (1, 2, 5, 64, 999, 4097):
+        s = (torch.randn(n, generator=g) * 4).round() / 4
+        s[torch.rand(n, generator=g) < 0.05] = -0.0
+        s[torch.rand(n, generator=g) < 0.01] = float("inf")
+        s[torch.rand(n, generator=g) < 0.01] = float("-inf")
+        scores.append(s.to(dtype))
+        ks.append(int(torch.randint(0, n + 1, (1,), generator=g)))
+    for a, b in zip(R.topk_mask_threshold(scores, ks), R.topk_mask_ref(scores, ks)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("delta_grad", ["masked", "dense"])
