@@ -261,7 +261,7 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
     if not scores:
         return []
     if any(s.dtype not in _KERNEL_DTYPES for s in scores):
-        return reference.topk_mask_ref(scores, ks, names)
+        return reference.topk_mask_threshold(scores, ks, names)
     device = scores[0].device
     sizes = tuple(s.numel() for s in scores)
     n_seg, total = len(scores), sum(sizes)
