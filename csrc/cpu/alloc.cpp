@@ -22,7 +22,6 @@
 
 #include <cstdlib>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -64,7 +63,11 @@ class BlockCache final : public c10::Allocator {
       ++misses_;
     }
     void* p = nullptr;
-    if (posix_memalign(&p, kHugePage, bytes) != 0) throw std::bad_alloc();
+    if (posix_memalign(&p, kHugePage, bytes) != 0) {
+      clear();  // give the held blocks back to the OS and try once more
+      TORCH_CHECK(posix_memalign(&p, kHugePage, bytes) == 0, "sparse_sam: not enough memory for a ", n,
+                  "-byte output (", bytes, " bytes with 2 MiB alignment)");
+    }
 #ifdef MADV_HUGEPAGE
     madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages are ordinary
 #endif
