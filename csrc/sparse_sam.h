@@ -67,8 +67,8 @@ template <typename... Ts>
 using acc_type_t = std::conditional_t<(std::is_same_v<Ts, double> || ...), double, float>;
 
 // ---------------------------------------------------------------------------------------------------
-// dtype dispatch of sam_weight (both backends): f(type_tag<W>{}, type_tag<V>{}) for the forward,
-// f(type_tag<G>{}, type_tag<V>{}, type_tag<S>{}) for the backward; `typename decltype(tag)::type` names it.
+// dtype dispatch of sam_weight (both backends): f.template operator()<W, V>() for the forward and
+// f.template operator()<G, V, S>() for the backward, so callers pass `[&]<typename w_t, ...>() {...}`.
 template <typename T>
 struct type_tag {
   using type = T;
@@ -83,7 +83,9 @@ void dispatch_float(at::ScalarType st, F&& f) {
 template <typename F>
 void dispatch_sam_weight_forward(at::ScalarType w, at::ScalarType v, F&& f) {
   dispatch_float(w, [&](auto wt) {
-    dispatch_float(v, [&](auto vt) { f(wt, vt); });
+    dispatch_float(v, [&](auto vt) {
+      f.template operator()<typename decltype(wt)::type, typename decltype(vt)::type>();
+    });
   });
 }
 
@@ -91,7 +93,10 @@ template <typename F>
 void dispatch_sam_weight_backward(at::ScalarType g, at::ScalarType v, at::ScalarType s, F&& f) {
   dispatch_float(g, [&](auto gt) {
     dispatch_float(v, [&](auto vt) {
-      dispatch_float(s, [&](auto st) { f(gt, vt, st); });
+      dispatch_float(s, [&](auto st) {
+        f.template operator()<typename decltype(gt)::type, typename decltype(vt)::type,
+                              typename decltype(st)::type>();
+      });
     });
   });
 }
@@ -124,6 +129,12 @@ inline void check_sam_weight_args(const char* op, const at::Tensor& a, const at:
                     ": shapes differ: ", a.sizes(), " vs mask ", mask.sizes(), " vs delta ", delta.sizes());
   TORCH_CHECK_VALUE(a.device() == mask.device() && a.device() == delta.device(), op,
                     ": tensors must share a device");
+}
+
+inline void check_sam_weight_backward_args(const at::Tensor& grad, const at::Tensor& mask,
+                                           const at::Tensor& delta, at::ScalarType scores_dtype) {
+  check_sam_weight_args("sam_weight_backward", grad, mask, delta);
+  TORCH_CHECK_TYPE(is_float_dtype(scores_dtype), "sam_weight_backward: unsupported scores dtype ", scores_dtype);
 }
 
 inline void check_swap_meta(at::TensorList weights, at::TensorList indices, at::TensorList values) {

@@ -48,8 +48,12 @@ class SAMLayer(nn.Module):
         # SAMHandle), outside any compiled region.
         if torch.compiler.is_compiling():
             return
-        if self._refresh is not None and self._mask_version != self.scores._version:
+        if self._refresh is not None and self.mask_stale():
             self._refresh()
+
+    def mask_stale(self) -> bool:
+        """Whether the scores changed since the mask was last computed from them."""
+        return self._mask_version != self.scores._version
 
     def extra_repr(self) -> str:
         return f"{self.base!r}, k={self.k}/{self.weight.numel()}, delta_grad={self.delta_grad!r}"

@@ -77,7 +77,7 @@ class SAMHandle:
 
     def refresh_stale_masks(self) -> None:
         """Recompute the masks if any layer's scores changed since they were last computed."""
-        if any(m._mask_version != m.scores._version for m in self.layers.values()):
+        if any(m.mask_stale() for m in self.layers.values()):
             self.refresh_masks()
 
     def flipped_fraction(self) -> float:

@@ -74,6 +74,14 @@ def check_topk_args(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence
                              f"[0, {s.numel()}]")
 
 
+def _flat_scores(s: Tensor, names: Sequence[str] | None, i: int) -> Tensor:
+    """Layer ``i``'s scores as a detached 1-D tensor; NaN is an error naming the layer."""
+    flat = s.detach().reshape(-1)
+    if torch.isnan(flat).any():
+        raise ValueError(f"topk_mask: scores of layer {_layer_name(names, i)} contain NaN")
+    return flat
+
+
 def topk_mask_ref(scores: Sequence[Tensor], ks: Sequence[int],
                   names: Sequence[str] | None = None) -> list[Tensor]:
     """Per-layer top-k mask.
@@ -93,9 +101,7 @@ def topk_mask_ref(scores: Sequence[Tensor], ks: Sequence[int],
     check_topk_args(scores, ks, names)
     masks = []
     for i, (s, k) in enumerate(zip(scores, ks)):
-        flat = s.detach().reshape(-1)
-        if torch.isnan(flat).any():
-            raise ValueError(f"topk_mask: scores of layer {_layer_name(names, i)} contain NaN")
+        flat = _flat_scores(s, names, i)
         # Adding +0.0 maps -0.0 to +0.0; a stable ascending sort of the negated keys then puts larger
         # scores first and, among equal scores, the lower index first.
         key = -(flat + 0.0)
@@ -118,9 +124,7 @@ def topk_mask_threshold(scores: Sequence[Tensor], ks: Sequence[int],
     check_topk_args(scores, ks, names)
     masks = []
     for i, (s, k) in enumerate(zip(scores, ks)):
-        flat, k = s.detach().reshape(-1), int(k)
-        if torch.isnan(flat).any():
-            raise ValueError(f"topk_mask: scores of layer {_layer_name(names, i)} contain NaN")
+        flat, k = _flat_scores(s, names, i), int(k)
         if k == 0:
             masks.append(torch.zeros(s.shape, dtype=torch.bool, device=s.device))
             continue

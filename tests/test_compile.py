@@ -36,14 +36,19 @@ def test_compiled_functional_ops_match_eager(cpp):
     assert torch.equal(compiled(x, w, m, v), f(x, w, m, v))
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_compiled_patched_model_matches_eager(cpp, compile_backend):
-    torch.manual_seed(0)
+def _patched_tiny(seed=0):
+    torch.manual_seed(seed)
     model = TinyConvNet()
-    handle = sparse_sam.patch(model, 0.05, seed=0, backend="cpp")
-    with torch.no_grad():  # a non-trivial patch: some deltas under the mask
+    handle = sparse_sam.patch(model, 0.05, seed=seed, backend="cpp")
+    with torch.no_grad():
         for layer in handle.layers.values():
             layer.delta.normal_()
+    return model, handle
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_patched_model_matches_eager(cpp, compile_backend):
+    model, handle = _patched_tiny()  # a non-trivial patch: some deltas under the mask
     x = torch.randn(2, 3, 8, 8)
     eager = model(x)
     compiled = torch.compile(model, backend=compile_backend)
@@ -60,16 +65,6 @@ def test_compiled_patched_model_matches_eager(cpp, compile_backend):
         torch.testing.assert_close(gd_c, gd_e)
         torch.testing.assert_close(gs_c, gs_e)
     sparse_sam.unpatch(model)
-
-
-def _patched_tiny(seed=0):
-    torch.manual_seed(seed)
-    model = TinyConvNet()
-    handle = sparse_sam.patch(model, 0.05, seed=seed, backend="cpp")
-    with torch.no_grad():
-        for layer in handle.layers.values():
-            layer.delta.normal_()
-    return model, handle
 
 
 def test_patched_forward_compiles_without_graph_breaks(cpp):

@@ -56,9 +56,7 @@ at::Tensor sam_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& ma
   check_sam_weight_args("sam_weight_forward", weight, mask, delta);
   const auto w = weight.contiguous(), m = mask.contiguous(), v = delta.contiguous();
   auto out = empty_output_cpu(weight.sizes(), weight.scalar_type());
-  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&](auto wt, auto vt) {
-    using w_t = typename decltype(wt)::type;
-    using v_t = typename decltype(vt)::type;
+  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&]<typename w_t, typename v_t>() {
     forward_kernel<w_t, v_t>(w.const_data_ptr<w_t>(), mask_bytes(m), v.const_data_ptr<v_t>(), out.data_ptr<w_t>(),
                              w.numel());
   });
@@ -68,15 +66,11 @@ at::Tensor sam_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& ma
 std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cpu(const at::Tensor& grad, const at::Tensor& mask,
                                                            const at::Tensor& delta, at::ScalarType scores_dtype,
                                                            bool dense) {
-  check_sam_weight_args("sam_weight_backward", grad, mask, delta);
-  TORCH_CHECK_TYPE(is_float_dtype(scores_dtype), "sam_weight_backward: unsupported scores dtype ", scores_dtype);
+  check_sam_weight_backward_args(grad, mask, delta, scores_dtype);
   const auto g = grad.contiguous(), m = mask.contiguous(), v = delta.contiguous();
   auto gd = empty_output_cpu(v.sizes(), v.scalar_type());
   auto gs = empty_output_cpu(v.sizes(), scores_dtype);
-  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&](auto gt, auto vt, auto st) {
-    using g_t = typename decltype(gt)::type;
-    using v_t = typename decltype(vt)::type;
-    using s_t = typename decltype(st)::type;
+  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&]<typename g_t, typename v_t, typename s_t>() {
     backward_kernel<g_t, v_t, s_t>(g.const_data_ptr<g_t>(), mask_bytes(m), v.const_data_ptr<v_t>(),
                                    gd.data_ptr<v_t>(), gs.data_ptr<s_t>(), v.numel(), dense);
   });

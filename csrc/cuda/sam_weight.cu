@@ -39,9 +39,7 @@ at::Tensor sam_weight_forward_cuda(const at::Tensor& weight, const at::Tensor& m
   const int64_t n = w.numel();
   if (n == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&](auto wt, auto vt) {
-    using w_t = typename decltype(wt)::type;
-    using v_t = typename decltype(vt)::type;
+  dispatch_sam_weight_forward(w.scalar_type(), v.scalar_type(), [&]<typename w_t, typename v_t>() {
     cuda::forward_kernel<w_t, v_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
         w.const_data_ptr<w_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<v_t>(), out.data_ptr<w_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -52,8 +50,7 @@ at::Tensor sam_weight_forward_cuda(const at::Tensor& weight, const at::Tensor& m
 std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
                                                             const at::Tensor& delta, at::ScalarType scores_dtype,
                                                             bool dense) {
-  check_sam_weight_args("sam_weight_backward", grad, mask, delta);
-  TORCH_CHECK_TYPE(is_float_dtype(scores_dtype), "sam_weight_backward: unsupported scores dtype ", scores_dtype);
+  check_sam_weight_backward_args(grad, mask, delta, scores_dtype);
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous(), m = mask.contiguous(), v = delta.contiguous();
   auto gd = at::empty(v.sizes(), v.options());
@@ -61,10 +58,7 @@ std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cuda(const at::Tensor& gr
   const int64_t n = v.numel();
   if (n == 0) return {gd, gs};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&](auto gt, auto vt, auto st) {
-    using g_t = typename decltype(gt)::type;
-    using v_t = typename decltype(vt)::type;
-    using s_t = typename decltype(st)::type;
+  dispatch_sam_weight_backward(g.scalar_type(), v.scalar_type(), scores_dtype, [&]<typename g_t, typename v_t, typename s_t>() {
     cuda::backward_kernel<g_t, v_t, s_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
         g.const_data_ptr<g_t>(), m.const_data_ptr<bool>(), v.const_data_ptr<v_t>(), gd.data_ptr<v_t>(),
         gs.data_ptr<s_t>(), n, dense);
