@@ -73,6 +73,7 @@ class PatchedWeight:
         self._mask_version = None  # scores._version the mask was computed from
         self._refresh = None  # set by the handle: recomputes every mask in one call
         self._off = None  # set by the handle: a callable telling whether the patch is switched off
+        self.requires_grad0 = bool(owner._parameters[attr].requires_grad)  # the base's flag before patch()
 
     # -- the tensors --------------------------------------------------------------------------------
     @property
@@ -121,12 +122,21 @@ class PatchedWeight:
 
     # -- the effective weight -----------------------------------------------------------------------
     def effective(self) -> torch.Tensor:
-        """``W + m ⊙ v`` (shape ``P``, ``W``'s dtype), differentiable in ``delta`` and ``scores``; ``W``
-        itself while the handle is switched off (:meth:`SAMHandle.disabled`)."""
+        """``W + m ⊙ v`` (shape ``P``, ``W``'s dtype), differentiable in ``delta`` and ``scores``; the bits
+        of ``W`` while the handle is switched off (:meth:`SAMHandle.disabled`).
+
+        Outside autograd (``torch.no_grad``, or switched off) the returned tensor carries the base
+        Parameter's original ``requires_grad`` flag: some PyTorch kernels pick their algorithm by that
+        flag (``matmul`` folds 3-D inputs differently), so the model must see the flag it would see
+        unpatched to compute the same bits (docs/design-notes.md).
+        """
         if self._off is not None and self._off():
-            return self.weight
+            return self.weight.detach().requires_grad_(self.requires_grad0)
         self._ensure_mask()
-        return ops.sam_weight(self.weight, self.mask, self.delta, self.scores, self.delta_grad, self.backend)
+        w = ops.sam_weight(self.weight, self.mask, self.delta, self.scores, self.delta_grad, self.backend)
+        if self.requires_grad0 and not w.requires_grad and not torch.compiler.is_compiling():
+            w.requires_grad_(True)  # a leaf here: nothing is recorded, only the flag is mirrored
+        return w
 
     def __repr__(self) -> str:
         return (f"PatchedWeight({self.name!r}, shape={tuple(self.weight.shape)}, k={self.k}, "

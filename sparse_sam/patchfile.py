@@ -214,6 +214,8 @@ class _Binding:
         if strict:
             fp = patch._fingerprint_of(self.weights, fresh=verify_full)
             if fp != patch.fingerprint:
+                for w in self.weights:  # they may have been edited through .data: hash afresh next time
+                    _forget_digest(w)
                 raise PatchMismatchError("the model's base weights differ from those the patch was trained on "
                                          "(fingerprint mismatch); pass strict=False to apply anyway")
         self.strict = strict
@@ -448,6 +450,8 @@ class SparsePatch:
                 # undo, then check the whole base afresh.
                 b.swap()
                 del self._bindings[model]
+                for w in b.weights:
+                    _forget_digest(w)
                 b = self._binding(model, strict, "full")
                 b.swap()
             b.versions_applied = b._versions()

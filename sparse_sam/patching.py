@@ -442,6 +442,7 @@ def patch(model: nn.Module, config: SAMConfig | float | None = None, /, **option
                  torch.zeros(t.param.shape, dtype=delta_dtype(t.param.dtype), device=t.param.device))
              for n, t in targets.items()}
 
+    flags0 = {n: t.param.requires_grad for n, t in targets.items()}
     tx = _Transaction()
     try:
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -455,6 +456,7 @@ def patch(model: nn.Module, config: SAMConfig | float | None = None, /, **option
             _, owner, attr = t.users[0]
             pw = PatchedWeight(name, t.names, owner, attr, t.kind or "param", t.d_in, t.d_out, ks[name],
                                cfg.delta_grad, cfg.backend)
+            pw.requires_grad0 = flags0[name]
             scores, delta = fresh[name]
             tx.step("register", lambda pw=pw, s=scores, d=delta: pw.register(s, d), pw.unregister)
             if not cfg.learn_mask:
