@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import subprocess
 
 import torch
@@ -18,10 +19,36 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def cpu_slug() -> str:
+    """The CPU model and core count as a folder name: ``AMD EPYC`` on 2 cores -> ``cpu-amd-epyc-2core``."""
+    model = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "unknown"
+    return f"cpu-{model}-{os.cpu_count()}core"
+
+
+def results_dir() -> str:
+    """``benchmarks/results/<cpu model>/``, created if missing."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", cpu_slug())
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def git_commit() -> str:
+    """The checked-out commit, with ``+changes`` when the working tree differs from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+changes" if dirty else "")
+    except Exception:
+        return "unknown commit"
+
+
 def header(title: str, command: str) -> list[str]:
-    """First lines of a result table: what, when, on which machine, and the command that made it."""
+    """First lines of a result table: what, when, on which machine and commit, and the command."""
     return [f"## {title}, {datetime.date.today()} — {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads", f"command: {command}"]
+            f"{torch.get_num_threads()} threads, commit {git_commit()}", f"command: {command}"]
 
 
 def emit(lines: list[str], out: str | None) -> None:

@@ -1,8 +1,9 @@
-"""swap_ of a sparse patch into the weights vs a per-layer index/index_put loop."""
+"""swap_ of a sparse patch into the weights vs the per-layer index loop (``baselines.swap_loop``)."""
 import pytest
 import torch
 
 from sparse_sam import ops
+from baselines import swap_loop
 from conftest import DEVICE, providers, run, size
 
 
@@ -15,12 +16,6 @@ def test_swap(benchmark, provider):
            for _ in range(layers)]
     vals = [torch.randn(k // layers, device=DEVICE) for _ in range(layers)]
 
-    def plain():
-        for w, i, v in zip(ws, idx, vals):
-            old = w[i.long()].clone()
-            w[i.long()] = v
-            v.copy_(old)
-
     # floor: read + write k weights, k indices and k values
-    run(benchmark, plain if provider == "pytorch" else (lambda: ops.swap_(ws, idx, vals, backend=provider)),
-        nbytes=(k // layers) * layers * (4 * 2 + 4 + 4 * 2), k=k)
+    fn = swap_loop(ws, idx, vals) if provider == "pytorch" else (lambda: ops.swap_(ws, idx, vals, backend=provider))
+    run(benchmark, fn, nbytes=(k // layers) * layers * (4 * 2 + 4 + 4 * 2), k=k)

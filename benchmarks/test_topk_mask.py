@@ -1,8 +1,10 @@
-"""topk_mask for a whole model at once vs a per-layer ``torch.topk`` + scatter loop."""
+"""topk_mask for a whole model at once vs the per-layer loop of ``torch.topk(k, sorted=False)`` into
+preallocated outputs + ``index_fill_`` of a preallocated mask (``baselines.topk_loop``)."""
 import pytest
 import torch
 
 from sparse_sam import ops
+from baselines import topk_loop
 from conftest import DEVICE, providers, run, size
 
 
@@ -12,16 +14,6 @@ def layer_sizes(n_layers: int, total: int) -> list[int]:
     return [max(1, int(total * x)) for x in (w / w.sum()).tolist()]
 
 
-def topk_loop(scores, ks):
-    """What a user writes without this library."""
-    masks = []
-    for s, k in zip(scores, ks):
-        m = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
-        m.scatter_(0, s.reshape(-1).topk(k).indices, True)
-        masks.append(m.view(s.shape))
-    return masks
-
-
 @pytest.mark.parametrize("layers,total", [(12, size(10_000_000, 20_000)), (200, size(2_000_000, 20_000))],
                          ids=["12_layers", "200_layers"])
 @pytest.mark.parametrize("provider", providers("topk_mask"))
@@ -29,7 +21,6 @@ def test_topk_mask(benchmark, provider, layers, total):
     sizes = layer_sizes(layers, total)
     scores = [torch.randn(n, device=DEVICE) for n in sizes]
     ks = [max(1, n // 100) for n in sizes]  # γ = 1%
-    fn = (lambda: topk_loop(scores, ks)) if provider == "pytorch" else \
-        (lambda: ops.topk_mask(scores, ks, backend=provider))
+    fn = topk_loop(scores, ks) if provider == "pytorch" else (lambda: ops.topk_mask(scores, ks, backend=provider))
     masks = run(benchmark, fn, nbytes=sum(sizes) * (2 * 4 + 1), layers=layers, scores=sum(sizes))
     assert [int(m.sum()) for m in masks] == ks

@@ -1,41 +1,53 @@
-// Per-layer top-k mask on CPU: selection on order-preserving integer keys, all layers in one call.
+// Per-layer top-k mask on CPU: selection on order-preserving integer keys, all layers in one call and
+// in one parallel region.
 //
-// Large layers (sampling): a strided sample of the keys gives a bracket [lo, hi] that holds the k-th
-// largest key with high probability. One vectorised pass per chunk then writes the mask (key > hi),
-// counts those keys, scans for NaN, and collects the few keys inside the bracket. If the counts show
-// that the bracket missed (unlucky sample, heavy ties), the layer is redone the histogram way.
-// Small layers (histogram): per-thread histograms of the top B key bits give the bucket holding the
-// k-th largest key; a second pass writes the mask outside that bucket and collects the keys inside it.
+// Large layers (sampling): one key per kSampleStride, at jittered positions, gives a bracket [lo, hi]
+// that holds the k-th largest key with high probability. One pass per chunk then writes the mask
+// (key > hi), counts those keys and collects the few keys inside the bracket; NaN is caught in the same
+// pass. For float32 on CPUs with AVX2 (checked at run time, so the build stays portable) the pass is
+// written with 256-bit intrinsics: per 32 scores, 8 compares, a pack to bytes, one store, and a single
+// branch that is rarely taken. The thread that finishes a layer's last chunk resolves its candidates.
+// If the counts show that the bracket missed (unlucky sample, adversarial layout), the layer is redone
+// the whole-layer way after the region.
+// Small layers (whole-layer): one work item per layer: a histogram of the top key bits gives the bucket
+// holding the k-th largest key; a second pass writes the mask outside that bucket and collects the keys
+// inside it.
 // Either way the collected candidates (in index order) are resolved exactly: the r-th largest by
 // nth_element, and keys equal to it go to the lowest indices.
 //
-// Work is split into chunks across all layers and the op runs in three parallel regions whatever the
-// number of layers: each region ends in a barrier, which is expensive when the machine is busy. Inside
-// a region threads take work items as they finish one (whole-layer samples and candidate sets first),
-// so an uneven mix of layers keeps every thread busy.
+// One parallel region per call (two if a bracket missed): each region ends in a barrier, which is
+// expensive when the machine is busy. Inside it threads take work items as they finish one (whole
+// small layers first, then chunks), so an uneven mix of layers keeps every thread busy.
+//
+// Counters and indices are 64-bit throughout, so layers of >= 2^31 scores and k >= 2^31 work.
 #include "../sparse_sam.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cmath>
-#include <limits>
-#include <type_traits>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPARSE_SAM_X86_AVX2_DISPATCH 1
+#include <immintrin.h>
+#endif
 
 namespace sparse_sam {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
-constexpr int64_t kSampleMinNumel = int64_t(1) << 15;  // smaller layers use the histogram
-constexpr int64_t kSampleStride = 64;
-constexpr int64_t kBlock = 16;  // candidate search granularity: ~10% of blocks hold one
+constexpr int64_t kSampleMinNumel = int64_t(1) << 16;  // smaller layers are one whole-layer item
+constexpr int64_t kSampleStride = 256;                 // power of two
+constexpr int64_t kBlock = 16;                         // candidate search granularity (generic pass)
 
-enum class Mode { kFill, kHistogram, kSample };
+enum class Mode { kFill, kWhole, kSample };
 
 struct Layer {
   at::ScalarType dtype;
@@ -44,67 +56,127 @@ struct Layer {
   int64_t n = 0, k = 0;
   Mode mode = Mode::kFill;
   int64_t first_chunk = 0, nchunks = 0;
-  // histogram mode
-  int shift = 0;          // key >> shift = bucket
-  int64_t nbins = 0;
-  int64_t hist_base = 0;  // hist[hist_base + thread * nbins + bin]
-  int64_t bucket = 0, take = 0, bucket_count = 0;
-  // sample mode: keys > hi are in; keys in [lo, hi] are candidates
-  uint64_t lo = 0, hi = 0;
+  uint64_t lo = 0, hi = 0;  // sample mode: keys > hi are in; keys in [lo, hi] are candidates
 };
 
 struct Chunk {
   int64_t layer, begin, end;
 };
 
-struct ChunkResult {
-  std::vector<int64_t> cand;
+// Candidates of one chunk (or layer), in index order.
+struct Candidates {
+  std::vector<int64_t> idx;
   std::vector<uint64_t> keys;
-  int64_t above = 0;  // sample mode: keys > hi
+  void push(int64_t i, uint64_t key) {
+    idx.push_back(i);
+    keys.push_back(key);
+  }
 };
 
-int key_bits(at::ScalarType st) {
-  return st == at::kDouble ? 64 : st == at::kFloat ? 32 : 16;
-}
+struct ChunkResult {
+  Candidates cand;
+  int64_t above = 0;  // keys > hi
+};
 
 template <typename T>
-bool nan_scan(const Layer& L, const Chunk& c) {
-  const auto* src = static_cast<const typename T::key_t*>(L.bits);
+bool nan_scan(const typename T::key_t* src, int64_t b, int64_t e) {
   int nan = 0;
-  for (int64_t i = c.begin; i < c.end; ++i) nan |= key_is_nan<T>(src[i]);
+  for (int64_t i = b; i < e; ++i) nan |= key_is_nan<T>(src[i]);
   return nan != 0;
 }
 
+// Sets exactly r of the candidates: the largest keys first and, among keys equal to the r-th largest,
+// the lowest indices.
+void resolve_candidates(const Candidates& c, int64_t r, uint8_t* out) {
+  const int64_t m = static_cast<int64_t>(c.idx.size());
+  if (r <= 0) return;
+  if (r >= m) {
+    for (int64_t i : c.idx) out[i] = 1;
+    return;
+  }
+  std::vector<uint64_t> tmp(c.keys);
+  std::nth_element(tmp.begin(), tmp.begin() + (r - 1), tmp.end(), std::greater<uint64_t>());
+  const uint64_t t = tmp[r - 1];
+  int64_t above = 0;
+  for (uint64_t key : c.keys) above += key > t;
+  int64_t take_equal = r - above;
+  for (int64_t j = 0; j < m; ++j) {
+    if (c.keys[j] > t || (c.keys[j] == t && take_equal-- > 0)) out[c.idx[j]] = 1;
+  }
+}
+
+// ------------------------------------------------------------------------------ whole-layer selection
+// Radix selection on the top B key bits; returns true if the layer holds NaN (nothing else is done then).
 template <typename T>
-bool histogram_chunk(const Layer& L, const Chunk& c, uint32_t* h) {
+bool select_whole(const Layer& L) {
   using U = typename T::key_t;
-  const U* src = static_cast<const U*>(L.bits);
-  const int shift = L.shift;
+  const U* const src = static_cast<const U*>(L.bits);  // locals: byte stores may alias struct fields
+  uint8_t* const dst = L.out;
+  const int64_t n = L.n;
+  // Enough bins that the threshold bucket is small, few enough (<= n/64) that the histogram stays in
+  // cache and costs little to clear and scan.
+  const int log_n = 63 - std::countl_zero(static_cast<uint64_t>(n));
+  const int B = std::min({16, T::kBits, std::max(4, log_n - 6)});
+  const int shift = T::kBits - B;
+  std::vector<int64_t> hist(size_t(1) << B, 0);
   int nan = 0;
   // Bins are computed a block at a time in a loop that vectorises; only the increments are scalar.
   constexpr int64_t kBins = 1024;
   uint16_t bin[kBins];
-  for (int64_t b = c.begin; b < c.end; b += kBins) {
-    const int64_t len = std::min(kBins, c.end - b);
+  for (int64_t b = 0; b < n; b += kBins) {
+    const int64_t len = std::min(kBins, n - b);
     for (int64_t j = 0; j < len; ++j) {
       const U u = src[b + j];
       nan |= key_is_nan<T>(u);
       bin[j] = static_cast<uint16_t>(order_key<T>(u) >> shift);
     }
-    for (int64_t j = 0; j < len; ++j) ++h[bin[j]];
+    for (int64_t j = 0; j < len; ++j) ++hist[bin[j]];
   }
-  return nan != 0;
+  if (nan) return true;
+  int64_t above = 0, bucket = static_cast<int64_t>(hist.size()) - 1;
+  for (; bucket > 0 && above + hist[bucket] < L.k; --bucket) above += hist[bucket];
+  const int64_t take = L.k - above, count = hist[bucket];
+  const U ub = static_cast<U>(bucket);
+  if (take == count) {  // the whole bucket is in: no candidates
+    for (int64_t i = 0; i < n; ++i) dst[i] = U(order_key<T>(src[i]) >> shift) >= ub;
+    return false;
+  }
+  Candidates cand;
+  cand.idx.reserve(count);
+  cand.keys.reserve(count);
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const int64_t e = std::min(n, b + kChunk);
+    int in_bucket = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const U kb = U(order_key<T>(src[i]) >> shift);
+      dst[i] = kb > ub;
+      in_bucket |= kb == ub;
+    }
+    if (!in_bucket) continue;
+    for (int64_t i = b; i < e; ++i) {  // the block is still in cache
+      const U key = order_key<T>(src[i]);
+      if (U(key >> shift) == ub) cand.push(i, key);
+    }
+  }
+  resolve_candidates(cand, take, dst);
+  return false;
 }
 
-// Bracket [lo, hi] around the k-th largest key from every kSampleStride-th key.
+// ------------------------------------------------------------------------------------ sampled layers
+// Bracket [lo, hi] around the k-th largest key from one key per kSampleStride, at a pseudo-random
+// position inside each stride so that periodic structure (rows, channels) cannot line up with it.
 template <typename T>
 void sample_bracket(Layer& L) {
   using U = typename T::key_t;
   const U* src = static_cast<const U*>(L.bits);
+  const int64_t strides = L.n / kSampleStride;
   std::vector<U> s;
-  s.reserve(L.n / kSampleStride + 1);
-  for (int64_t i = kSampleStride / 2; i < L.n; i += kSampleStride) {
-    if (!key_is_nan<T>(src[i])) s.push_back(order_key<T>(src[i]));  // NaN is reported by the full pass
+  s.reserve(strides);
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int64_t j = 0; j < strides; ++j) {
+    h = h * 6364136223846793005ull + 1442695040888963407ull;
+    const U u = src[j * kSampleStride + static_cast<int64_t>((h >> 40) & (kSampleStride - 1))];
+    if (!key_is_nan<T>(u)) s.push_back(order_key<T>(u));  // NaN is reported by the full pass
   }
   const int64_t m = static_cast<int64_t>(s.size());
   const double q = double(L.k) / double(L.n), p = q * double(m);
@@ -130,26 +202,32 @@ typename T::key_t key_to_bits(typename T::key_t key) {
   return (key & T::kSign) ? U(key ^ T::kSign) : U(~key);
 }
 
-// Compares with the bracket bounds as keys (any float type) or, for float32/float64, directly as floats:
-// native float compares vectorise far better than unsigned ones, treat -0.0 == +0.0 and are false for
-// NaN, which is scanned for separately.
+// The bracket bounds as floats. A key bound of all ones / zero means "no bound" (those keys are NaN
+// bit patterns): +inf / -inf.
 template <typename T, typename V>
-bool bracket_chunk_impl(const Layer& L, const Chunk& c, ChunkResult& res) {
+std::pair<V, V> float_bracket(const Layer& L) {
+  using U = typename T::key_t;
+  const V hi = L.hi == static_cast<uint64_t>(U(~U(0))) ? std::numeric_limits<V>::infinity()
+                                                       : std::bit_cast<V>(key_to_bits<T>(U(L.hi)));
+  const V lo = L.lo == 0 ? -std::numeric_limits<V>::infinity() : std::bit_cast<V>(key_to_bits<T>(U(L.lo)));
+  return {lo, hi};
+}
+
+// Portable pass. Compares with the bracket bounds as keys (any float type) or, for float32/float64,
+// directly as floats: native float compares vectorise far better than unsigned ones, treat
+// -0.0 == +0.0 and are false for NaN, which is scanned for separately.
+template <typename T, typename V>
+bool bracket_chunk_generic(const Layer& L, const Chunk& c, ChunkResult& res) {
   using U = typename T::key_t;
   constexpr bool kFloat = !std::is_same_v<V, U>;
   auto value = [](U u) {
     if constexpr (kFloat) return std::bit_cast<V>(u);
     else return order_key<T>(u);
   };
-  const U key_max = U(~U(0));
-  // A key bound of all ones / zero means "no bound" (those keys are NaN bit patterns).
-  const V hi = !kFloat ? V(L.hi) : L.hi == key_max ? std::numeric_limits<V>::infinity()
-                                                    : std::bit_cast<V>(key_to_bits<T>(U(L.hi)));
-  const V lo = !kFloat ? V(L.lo) : L.lo == 0 ? -std::numeric_limits<V>::infinity()
-                                             : std::bit_cast<V>(key_to_bits<T>(U(L.lo)));
-  // Locals, not struct fields: byte stores may alias anything, so fields would be reloaded every
-  // iteration and the loops would not vectorise.
-  const U* const src = static_cast<const U*>(L.bits);
+  V lo, hi;
+  if constexpr (kFloat) std::tie(lo, hi) = float_bracket<T, V>(L);
+  else lo = V(L.lo), hi = V(L.hi);
+  const U* const src = static_cast<const U*>(L.bits);  // locals: see select_whole
   uint8_t* const dst = L.out;
   int nan = 0;
   int64_t above = 0;
@@ -170,78 +248,96 @@ bool bracket_chunk_impl(const Layer& L, const Chunk& c, ChunkResult& res) {
     if (!in_bracket) continue;
     for (int64_t i = b; i < e; ++i) {
       const V x = value(src[i]);
-      if (x >= lo && x <= hi) {
-        res.cand.push_back(i);
-        res.keys.push_back(order_key<T>(src[i]));
-      }
+      if (x >= lo && x <= hi) res.cand.push(i, order_key<T>(src[i]));
     }
   }
   res.above = above;
   return nan != 0;
 }
 
+#ifdef SPARSE_SAM_X86_AVX2_DISPATCH
+// float32 pass with AVX2. A score is a candidate when !(x < lo) && !(x > hi): that is also true for
+// NaN, so NaN costs no extra instruction in the common path and is told apart when candidates are
+// collected.
+__attribute__((target("avx2,popcnt,bmi"))) bool bracket_chunk_f32_avx2(const Layer& L, const Chunk& c,
+                                                                        ChunkResult& res) {
+  const auto [lo, hi] = float_bracket<F32Keys, float>(L);
+  const float* const src = static_cast<const float*>(L.bits);
+  uint8_t* const dst = L.out;
+  const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
+  const __m256i one = _mm256_set1_epi8(1);
+  // After packing 4 x 8 lanes to bytes the 4-byte groups come out as a0 b0 c0 d0 a1 b1 c1 d1.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t above = 0;
+  bool nan = false;
+  auto collect = [&](int64_t i) {
+    const float x = src[i];
+    if (x != x) nan = true;
+    else res.cand.push(i, order_key<F32Keys>(std::bit_cast<uint32_t>(x)));
+  };
+  int64_t i = c.begin;
+  for (; i + 32 <= c.end; i += 32) {
+    const __m256 x0 = _mm256_loadu_ps(src + i), x1 = _mm256_loadu_ps(src + i + 8);
+    const __m256 x2 = _mm256_loadu_ps(src + i + 16), x3 = _mm256_loadu_ps(src + i + 24);
+    const __m256 g0 = _mm256_cmp_ps(x0, vhi, _CMP_GT_OQ), g1 = _mm256_cmp_ps(x1, vhi, _CMP_GT_OQ);
+    const __m256 g2 = _mm256_cmp_ps(x2, vhi, _CMP_GT_OQ), g3 = _mm256_cmp_ps(x3, vhi, _CMP_GT_OQ);
+    const __m256 c0 = _mm256_andnot_ps(g0, _mm256_cmp_ps(x0, vlo, _CMP_NLT_UQ));
+    const __m256 c1 = _mm256_andnot_ps(g1, _mm256_cmp_ps(x1, vlo, _CMP_NLT_UQ));
+    const __m256 c2 = _mm256_andnot_ps(g2, _mm256_cmp_ps(x2, vlo, _CMP_NLT_UQ));
+    const __m256 c3 = _mm256_andnot_ps(g3, _mm256_cmp_ps(x3, vlo, _CMP_NLT_UQ));
+    const __m256i g01 = _mm256_packs_epi32(_mm256_castps_si256(g0), _mm256_castps_si256(g1));
+    const __m256i g23 = _mm256_packs_epi32(_mm256_castps_si256(g2), _mm256_castps_si256(g3));
+    const __m256i g = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(g01, g23), order);  // 0 / -1 bytes
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_and_si256(g, one));
+    above += _mm_popcnt_u32(static_cast<uint32_t>(_mm256_movemask_epi8(g)));
+    const __m256 any = _mm256_or_ps(_mm256_or_ps(c0, c1), _mm256_or_ps(c2, c3));
+    if (!_mm256_testz_ps(any, any)) {
+      uint32_t bits = uint32_t(_mm256_movemask_ps(c0)) | uint32_t(_mm256_movemask_ps(c1)) << 8 |
+                      uint32_t(_mm256_movemask_ps(c2)) << 16 | uint32_t(_mm256_movemask_ps(c3)) << 24;
+      for (; bits; bits &= bits - 1) collect(i + std::countr_zero(bits));
+    }
+  }
+  for (; i < c.end; ++i) {
+    const float x = src[i];
+    const bool gt = x > hi;
+    dst[i] = gt;
+    above += gt;
+    if (!gt && !(x < lo)) collect(i);
+  }
+  res.above = above;
+  return nan;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  return has;
+}
+#endif
+
 template <typename T>
 bool bracket_chunk(const Layer& L, const Chunk& c, ChunkResult& res) {
   using U = typename T::key_t;
-  if constexpr (std::is_same_v<T, F32Keys>) return bracket_chunk_impl<T, float>(L, c, res);
-  else if constexpr (std::is_same_v<T, F64Keys>) return bracket_chunk_impl<T, double>(L, c, res);
-  else return bracket_chunk_impl<T, U>(L, c, res);
-}
-
-template <typename T>
-void compare_chunk(const Layer& L, const Chunk& c, ChunkResult& res) {
-  using U = typename T::key_t;
-  const U* const src = static_cast<const U*>(L.bits);  // locals: see bracket_chunk
-  uint8_t* const dst = L.out;
-  const int shift = L.shift;
-  const U bucket = static_cast<U>(L.bucket);
-  const int64_t b = c.begin, e = c.end;
-  if (L.take == L.bucket_count) {  // the whole bucket is in: no candidates
-    for (int64_t i = b; i < e; ++i) dst[i] = U(order_key<T>(src[i]) >> shift) >= bucket;
-    return;
-  }
-  int in_bucket = 0;
-  for (int64_t i = b; i < e; ++i) {
-    const U kb = U(order_key<T>(src[i]) >> shift);
-    dst[i] = kb > bucket;
-    in_bucket |= kb == bucket;
-  }
-  if (!in_bucket) return;
-  for (int64_t i = b; i < e; ++i) {  // the chunk is still in cache
-    const U key = order_key<T>(src[i]);
-    if (U(key >> shift) == bucket) {
-      res.cand.push_back(i);
-      res.keys.push_back(key);
-    }
-  }
-}
-
-// Sets exactly r of the candidates (given in index order): the largest keys first and, among keys
-// equal to the r-th largest, the lowest indices.
-void resolve_candidates(const std::vector<int64_t>& cand, const std::vector<uint64_t>& keys, int64_t r,
-                        uint8_t* out) {
-  const int64_t m = static_cast<int64_t>(cand.size());
-  if (r <= 0) return;
-  if (r >= m) {
-    for (int64_t i : cand) out[i] = 1;
-    return;
-  }
-  std::vector<uint64_t> tmp(keys);
-  std::nth_element(tmp.begin(), tmp.begin() + (r - 1), tmp.end(), std::greater<uint64_t>());
-  const uint64_t t = tmp[r - 1];
-  int64_t above = 0;
-  for (uint64_t key : keys) above += key > t;
-  int64_t take_equal = r - above;
-  for (int64_t j = 0; j < m; ++j) {
-    if (keys[j] > t || (keys[j] == t && take_equal-- > 0)) out[cand[j]] = 1;
+  if constexpr (std::is_same_v<T, F32Keys>) {
+#ifdef SPARSE_SAM_X86_AVX2_DISPATCH
+    if (cpu_has_avx2()) return bracket_chunk_f32_avx2(L, c, res);
+#endif
+    return bracket_chunk_generic<T, float>(L, c, res);
+  } else if constexpr (std::is_same_v<T, F64Keys>) {
+    return bracket_chunk_generic<T, double>(L, c, res);
+  } else {
+    return bracket_chunk_generic<T, U>(L, c, res);
   }
 }
 
 // Runs f(i) for i in [0, n) on all threads, each taking the next item as it finishes one (items are
-// uneven: a whole layer's sample next to one chunk; a static split left one thread with every sample).
-// List the costly items first.
+// uneven: a whole small layer next to one chunk). List the costly items first. Small jobs run on the
+// calling thread: a parallel region costs more than it saves there.
 template <typename F>
-void parallel_items(int64_t n, const F& f) {
+void parallel_items(int64_t n, int64_t work, const F& f) {
+  if (work < 2 * kChunk) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
@@ -256,143 +352,6 @@ void with_keys(const Layer& L, F&& f) {
   dispatch_keys(L.dtype, "topk_mask", std::forward<F>(f));
 }
 
-// Selects the layers `ids` (NaN-free or not yet checked). Returns the sampled layers whose bracket
-// missed; they must be selected again with sampling off.
-std::vector<int64_t> select_layers(std::vector<Layer>& layers, const std::vector<int64_t>& ids, bool sampling) {
-  const int nthreads = at::get_num_threads();
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> samplers;  // sampled layers, largest first
-  int64_t hist_size = 0;
-  for (int64_t l : ids) {
-    Layer& L = layers[l];
-    L.first_chunk = static_cast<int64_t>(chunks.size());
-    L.nchunks = (L.n + kChunk - 1) / kChunk;
-    for (int64_t b = 0; b < L.n; b += kChunk) chunks.push_back({l, b, std::min(L.n, b + kChunk)});
-    if (L.k == 0 || L.k == L.n) {
-      L.mode = Mode::kFill;
-    } else if (sampling && L.n >= kSampleMinNumel) {
-      L.mode = Mode::kSample;
-      samplers.push_back(l);
-    } else {
-      L.mode = Mode::kHistogram;
-      // Enough bins that the threshold bucket is small, few enough (<= n/64) that the per-thread
-      // histograms stay in cache and cost little to clear and merge.
-      int log_n = 0;
-      while ((int64_t(1) << (log_n + 1)) <= L.n) ++log_n;
-      const int B = std::min({16, key_bits(L.dtype), std::max(4, log_n - 6)});
-      L.shift = key_bits(L.dtype) - B;
-      L.nbins = int64_t(1) << B;
-      L.hist_base = hist_size;
-      hist_size += L.nbins * nthreads;
-    }
-  }
-  std::stable_sort(samplers.begin(), samplers.end(),
-                   [&](int64_t a, int64_t b) { return layers[a].n > layers[b].n; });
-  const int64_t nc = static_cast<int64_t>(chunks.size());
-  const int64_t ns = static_cast<int64_t>(samplers.size());
-  std::vector<char> nan(layers.size(), 0);  // only ever set to 1, so concurrent writers agree
-
-  // 1. Histograms (histogram layers), NaN scan (fill layers), brackets (sampled layers).
-  std::vector<uint32_t> hist(hist_size, 0);
-  // Only chunks of histogram and fill layers have work here; samples (a whole layer each) go first.
-  std::vector<int64_t> work;
-  for (int64_t c = 0; c < nc; ++c) {
-    if (layers[chunks[c].layer].mode != Mode::kSample) work.push_back(c);
-  }
-  parallel_items(ns + static_cast<int64_t>(work.size()), [&](int64_t i) {
-    if (i < ns) {
-      Layer& L = layers[samplers[i]];
-      with_keys(L, [&](auto tr) { sample_bracket<decltype(tr)>(L); });
-      return;
-    }
-    const Chunk& ch = chunks[work[i - ns]];
-    const Layer& L = layers[ch.layer];
-    const int64_t tid = at::get_thread_num();
-    bool has_nan = false;
-    if (L.mode == Mode::kHistogram) {
-      uint32_t* h = hist.data() + L.hist_base + tid * L.nbins;
-      with_keys(L, [&](auto tr) { has_nan = histogram_chunk<decltype(tr)>(L, ch, h); });
-    } else {
-      with_keys(L, [&](auto tr) { has_nan = nan_scan<decltype(tr)>(L, ch); });
-    }
-    if (has_nan) nan[ch.layer] = 1;
-  });
-  for (int64_t l : ids) {
-    Layer& L = layers[l];
-    if (L.mode != Mode::kHistogram) continue;
-    int64_t above = 0;
-    for (int64_t bucket = L.nbins - 1; bucket >= 0; --bucket) {
-      int64_t count = 0;
-      for (int t = 0; t < nthreads; ++t) count += hist[L.hist_base + t * L.nbins + bucket];
-      if (above + count >= L.k || bucket == 0) {
-        L.bucket = bucket;
-        L.bucket_count = count;
-        L.take = L.k - above;
-        break;
-      }
-      above += count;
-    }
-  }
-
-  // 2. The mask outside the bucket / bracket, and the candidates inside it.
-  std::vector<ChunkResult> res(nc);
-  parallel_items(nc, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    const Layer& L = layers[ch.layer];
-    if (L.mode == Mode::kFill) {
-      std::memset(L.out + ch.begin, L.k == L.n ? 1 : 0, ch.end - ch.begin);
-    } else if (L.mode == Mode::kHistogram) {
-      with_keys(L, [&](auto tr) { compare_chunk<decltype(tr)>(L, ch, res[c]); });
-    } else {
-      bool has_nan = false;
-      with_keys(L, [&](auto tr) { has_nan = bracket_chunk<decltype(tr)>(L, ch, res[c]); });
-      if (has_nan) nan[ch.layer] = 1;
-    }
-  });
-  for (int64_t l : ids) {
-    TORCH_CHECK_VALUE(!nan[l], "topk_mask: scores of layer #", l, " contain NaN");
-  }
-
-  // 3. Exact selection among the candidates: one work item per layer, the most candidates first.
-  std::vector<char> missed(layers.size(), 0);
-  std::vector<int64_t> order;  // positions in ids of the layers with candidates to resolve
-  std::vector<int64_t> above(layers.size(), 0), count(layers.size(), 0);
-  for (int64_t p = 0; p < static_cast<int64_t>(ids.size()); ++p) {
-    const int64_t l = ids[p];
-    const Layer& L = layers[l];
-    if (L.mode == Mode::kFill || (L.mode == Mode::kHistogram && L.take == L.bucket_count)) continue;
-    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
-      above[l] += res[c].above;
-      count[l] += static_cast<int64_t>(res[c].cand.size());
-    }
-    order.push_back(l);
-  }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return count[a] > count[b]; });
-  parallel_items(static_cast<int64_t>(order.size()), [&](int64_t i) {
-    const int64_t l = order[i];
-    const Layer& L = layers[l];
-    const int64_t take = L.mode == Mode::kSample ? L.k - above[l] : L.take;
-    if (take < 0 || take > count[l]) {  // the sampled bracket missed the threshold
-      missed[l] = 1;
-      return;
-    }
-    std::vector<int64_t> cand;
-    std::vector<uint64_t> keys;
-    cand.reserve(count[l]);
-    keys.reserve(count[l]);
-    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
-      cand.insert(cand.end(), res[c].cand.begin(), res[c].cand.end());
-      keys.insert(keys.end(), res[c].keys.begin(), res[c].keys.end());
-    }
-    resolve_candidates(cand, keys, take, L.out);
-  });
-  std::vector<int64_t> retry;
-  for (int64_t l : ids) {
-    if (missed[l]) retry.push_back(l);
-  }
-  return retry;
-}
-
 }  // namespace
 
 std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks) {
@@ -400,7 +359,9 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks)
   const int64_t nl = static_cast<int64_t>(scores.size());
   std::vector<at::Tensor> flat(nl), masks(nl);
   std::vector<Layer> layers(nl);
-  std::vector<int64_t> ids(nl);
+  std::vector<int64_t> whole;  // whole-layer items, largest first
+  std::vector<Chunk> chunks;   // chunks of sampled and fill layers
+  int64_t total = 0;
   for (int64_t l = 0; l < nl; ++l) {
     flat[l] = scores[l].contiguous();
     masks[l] = empty_output_cpu(scores[l].sizes(), at::kBool);
@@ -410,10 +371,105 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks)
     L.out = reinterpret_cast<uint8_t*>(masks[l].data_ptr<bool>());
     L.n = flat[l].numel();
     L.k = ks[l];
-    ids[l] = l;
+    total += L.n;
+    if (L.n == 0) continue;
+    if (L.k == 0 || L.k == L.n) {
+      L.mode = Mode::kFill;
+    } else if (L.n >= kSampleMinNumel) {
+      L.mode = Mode::kSample;
+      // On this thread: a few loads and a selection per kSampleStride scores, far less than the pass.
+      with_keys(L, [&](auto tr) { sample_bracket<decltype(tr)>(L); });
+    } else {
+      L.mode = Mode::kWhole;
+      whole.push_back(l);
+      continue;
+    }
+    L.first_chunk = static_cast<int64_t>(chunks.size());
+    L.nchunks = (L.n + kChunk - 1) / kChunk;
+    for (int64_t b = 0; b < L.n; b += kChunk) chunks.push_back({l, b, std::min(L.n, b + kChunk)});
   }
-  const std::vector<int64_t> retry = select_layers(layers, ids, /*sampling=*/true);
-  if (!retry.empty()) select_layers(layers, retry, /*sampling=*/false);
+  std::stable_sort(whole.begin(), whole.end(), [&](int64_t a, int64_t b) { return layers[a].n > layers[b].n; });
+
+  // Flags and counters per layer, written from any thread.
+  std::unique_ptr<std::atomic<bool>[]> nan(new std::atomic<bool>[nl]);
+  std::unique_ptr<std::atomic<bool>[]> missed(new std::atomic<bool>[nl]);
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[nl]);
+  for (int64_t l = 0; l < nl; ++l) {
+    nan[l].store(false, std::memory_order_relaxed);
+    missed[l].store(false, std::memory_order_relaxed);
+    chunks_left[l].store(layers[l].nchunks, std::memory_order_relaxed);
+  }
+  std::vector<ChunkResult> res(chunks.size());
+
+  // The last chunk of a sampled layer resolves its candidates (or marks the bracket as missed).
+  auto finish_sampled = [&](int64_t l) {
+    const Layer& L = layers[l];
+    int64_t above = 0, count = 0;
+    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
+      above += res[c].above;
+      count += static_cast<int64_t>(res[c].cand.idx.size());
+    }
+    const int64_t take = L.k - above;
+    if (take < 0 || take > count) {  // the threshold lies outside the bracket
+      missed[l].store(true, std::memory_order_relaxed);
+      return;
+    }
+    Candidates all;
+    all.idx.reserve(count);
+    all.keys.reserve(count);
+    for (int64_t c = L.first_chunk; c < L.first_chunk + L.nchunks; ++c) {
+      all.idx.insert(all.idx.end(), res[c].cand.idx.begin(), res[c].cand.idx.end());
+      all.keys.insert(all.keys.end(), res[c].cand.keys.begin(), res[c].cand.keys.end());
+      res[c].cand = Candidates();
+    }
+    resolve_candidates(all, take, L.out);
+  };
+
+  const int64_t nw = static_cast<int64_t>(whole.size());
+  parallel_items(nw + static_cast<int64_t>(chunks.size()), total, [&](int64_t i) {
+    if (i < nw) {
+      const Layer& L = layers[whole[i]];
+      bool has_nan = false;
+      with_keys(L, [&](auto tr) { has_nan = select_whole<decltype(tr)>(L); });
+      if (has_nan) nan[whole[i]].store(true, std::memory_order_relaxed);
+      return;
+    }
+    const int64_t c = i - nw;
+    const Chunk& ch = chunks[c];
+    const int64_t l = ch.layer;
+    const Layer& L = layers[l];
+    bool has_nan = false;
+    if (L.mode == Mode::kFill) {
+      std::memset(L.out + ch.begin, L.k == L.n ? 1 : 0, ch.end - ch.begin);
+      with_keys(L, [&](auto tr) {
+        using T = decltype(tr);
+        has_nan = nan_scan<T>(static_cast<const typename T::key_t*>(L.bits), ch.begin, ch.end);
+      });
+    } else {
+      with_keys(L, [&](auto tr) { has_nan = bracket_chunk<decltype(tr)>(L, ch, res[c]); });
+    }
+    if (has_nan) nan[l].store(true, std::memory_order_relaxed);
+    // acq_rel: the thread that takes the count to zero sees every other chunk's results and flags.
+    if (chunks_left[l].fetch_sub(1, std::memory_order_acq_rel) == 1 && L.mode == Mode::kSample &&
+        !nan[l].load(std::memory_order_relaxed)) {
+      finish_sampled(l);
+    }
+  });
+  for (int64_t l = 0; l < nl; ++l) {
+    TORCH_CHECK_VALUE(!nan[l].load(std::memory_order_relaxed), "topk_mask: scores of layer #", l, " contain NaN");
+  }
+  std::vector<int64_t> retry;
+  int64_t retry_work = 0;
+  for (int64_t l = 0; l < nl; ++l) {
+    if (missed[l].load(std::memory_order_relaxed)) {
+      retry.push_back(l);
+      retry_work += layers[l].n;
+    }
+  }
+  parallel_items(static_cast<int64_t>(retry.size()), retry_work, [&](int64_t i) {
+    const Layer& L = layers[retry[i]];
+    with_keys(L, [&](auto tr) { select_whole<decltype(tr)>(L); });
+  });
   return masks;
 }
 
