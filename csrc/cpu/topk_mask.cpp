@@ -15,14 +15,13 @@
 // Either way the collected candidates (in index order) are resolved exactly: the r-th largest by
 // nth_element, and keys equal to it go to the lowest indices.
 //
-// One parallel region per call (two if a bracket missed): each region ends in a barrier, which is
-// expensive when the machine is busy. Inside it threads take work items as they finish one (whole
-// small layers first, then chunks), so an uneven mix of layers keeps every thread busy.
+// One round of shared work per call (two if a bracket missed; see parallel.h): threads take work items
+// as they finish one (whole small layers first, then chunks), so an uneven mix of layers keeps every
+// thread busy, and the caller never waits for a thread that a busy machine has not scheduled.
 //
 // Counters and indices are 64-bit throughout, so layers of >= 2^31 scores and k >= 2^31 work.
 #include "../sparse_sam.h"
-
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <atomic>
@@ -329,22 +328,14 @@ bool bracket_chunk(const Layer& L, const Chunk& c, ChunkResult& res) {
   }
 }
 
-// Runs f(i) for i in [0, n) on all threads, each taking the next item as it finishes one (items are
-// uneven: a whole small layer next to one chunk). List the costly items first. Small jobs run on the
-// calling thread: a parallel region costs more than it saves there.
+// share_items, except that small jobs run on the calling thread: helpers cost more than they save.
 template <typename F>
 void parallel_items(int64_t n, int64_t work, const F& f) {
   if (work < 2 * kChunk) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      f(i);
-    }
-  });
+  share_items(n, f);
 }
 
 template <typename F>
