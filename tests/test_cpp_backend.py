@@ -393,6 +393,45 @@ def test_output_cache_works_in_a_forked_child(cpp):
     assert p.exitcode == 0 and q.get(timeout=5) is True
 
 
+def _child_topk_and_swap(q):
+    from sparse_sam import backends as b
+
+    torch.set_num_threads(1)  # torch's own OpenMP ops hang in a forked child otherwise
+    g = torch.Generator().manual_seed(6)
+    scores = [torch.randn(n, generator=g) for n in (300_000, 70_001)]
+    ks = [3_000, 701]
+    want_masks = reference.topk_mask_ref(scores, ks)
+    w = torch.randn(1_000_000, generator=g)
+    idx = torch.randperm(w.numel(), generator=g)[:100_000].sort().values
+    v = torch.randn(idx.numel(), generator=g)
+    want_w, want_v = w.clone(), v.clone()
+    reference.swap_ref([want_w], [idx], [want_v])
+    torch.set_num_threads(2)  # the ops below now try to share work with the (dead) inter-op threads
+    masks = b.get("cpp").topk_mask(scores, ks, None)
+    b.get("cpp").swap_([w], [idx], [v])
+    torch.set_num_threads(1)
+    q.put(all(torch.equal(a, r) for a, r in zip(masks, want_masks)) and
+          torch.equal(bits_view(w), bits_view(want_w)) and torch.equal(bits_view(v), bits_view(want_v)))
+
+
+def test_shared_work_finishes_in_a_forked_child(cpp):
+    """topk_mask and swap_ hand work to torch's inter-op threads, which do not survive fork: in a
+    forked child asking for 2 threads the caller does all the work itself instead of waiting."""
+    import multiprocessing as mp
+
+    scores = [torch.randn(300_000)]
+    cpp.topk_mask(scores, [10], None)  # the parent's helpers exist before the fork
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_topk_and_swap, args=(q,), daemon=True)
+    p.start()
+    p.join(120)
+    if p.exitcode is None:
+        p.kill()
+        pytest.fail("the forked child hung")
+    assert p.exitcode == 0 and q.get(timeout=5) is True
+
+
 @pytest.mark.parametrize("value, expect", [("0", "off"), ("abc", "error")])
 def test_output_cache_environment(cpp, value, expect):
     """SPARSE_SAM_CPU_CACHE_MB=0 turns the cache off; a malformed value is an error naming the variable."""

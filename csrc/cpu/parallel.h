@@ -5,6 +5,8 @@
 // slice, and the caller waits for it even when it has already done all the work itself: on a shared
 // 2-core machine that turned a 0.2 ms swap into 20 ms. Here the caller works through the items too and
 // waits only for items a helper has actually taken; a helper that starts late finds nothing left.
+// In a forked child (a DataLoader worker) torch's inter-op pool is unusable: its threads are gone and
+// signalling its condition variable can block forever, so there the caller does all the work.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -19,13 +21,16 @@
 
 namespace sparse_sam {
 
+// True in a process forked from the one that loaded the extension (csrc/cpu/parallel.cpp).
+bool in_forked_child();
+
 // Runs f(i) for every i in [0, n): on the calling thread and on up to at::get_num_threads() - 1
 // helpers from torch's inter-op pool, each taking the next item as it finishes one (list costly items
 // first). Returns when every item is done; an exception from any item is rethrown here.
 template <typename F>
 void share_items(int64_t n, const F& f) {
   const int64_t helpers = std::min<int64_t>(n, at::get_num_threads()) - 1;
-  if (helpers <= 0 || at::in_parallel_region()) {
+  if (helpers <= 0 || at::in_parallel_region() || in_forked_child()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
