@@ -364,6 +364,22 @@ def test_large_outputs_reuse_freed_blocks_and_stay_exact(cpp):
     assert torch.ops.sparse_sam.cpu_cache_stats()[0] == 0
 
 
+def _run_forked(target, timeout):
+    """Runs target(queue) in a forked child; returns what it put on the queue. Fails if it hangs."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(q,), daemon=True)
+    p.start()
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        pytest.fail("the forked child hung")
+    assert p.exitcode == 0
+    return q.get(timeout=5)
+
+
 def _child_sam_weight(q):
     from sparse_sam import backends as b
 
@@ -377,20 +393,10 @@ def _child_sam_weight(q):
 
 def test_output_cache_works_in_a_forked_child(cpp):
     """A forked child (as DataLoader workers are) gets a usable cache: fresh lock, inherited blocks."""
-    import multiprocessing as mp
-
     keep = cpp.sam_weight_forward(torch.randn(600_000), torch.zeros(600_000, dtype=torch.bool),
                                   torch.randn(600_000))
     del keep  # a block now sits in the parent's cache and is inherited by the child
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_sam_weight, args=(q,), daemon=True)
-    p.start()
-    p.join(60)
-    if p.exitcode is None:
-        p.kill()
-        pytest.fail("the forked child hung")
-    assert p.exitcode == 0 and q.get(timeout=5) is True
+    assert _run_forked(_child_sam_weight, 60) is True
 
 
 def _child_topk_and_swap(q):
@@ -417,19 +423,9 @@ def _child_topk_and_swap(q):
 def test_shared_work_finishes_in_a_forked_child(cpp):
     """topk_mask and swap_ hand work to torch's inter-op threads, which do not survive fork: in a
     forked child asking for 2 threads the caller does all the work itself instead of waiting."""
-    import multiprocessing as mp
-
     scores = [torch.randn(300_000)]
     cpp.topk_mask(scores, [10], None)  # the parent's helpers exist before the fork
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_topk_and_swap, args=(q,), daemon=True)
-    p.start()
-    p.join(120)
-    if p.exitcode is None:
-        p.kill()
-        pytest.fail("the forked child hung")
-    assert p.exitcode == 0 and q.get(timeout=5) is True
+    assert _run_forked(_child_topk_and_swap, 120) is True
 
 
 @pytest.mark.parametrize("value, expect", [("0", "off"), ("abc", "error")])
