@@ -35,13 +35,16 @@ IndexStats index_stats(const I* idx, int64_t n) {
   return st;
 }
 
+// Exchanges entries [b, e) of a layer with n entries.
 template <typename U, typename I>
-void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e) {
+void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e, int64_t n) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
-  // misses in flight.
+  // misses in flight. Blocks of one layer run back to back or on other threads, so the look-ahead runs
+  // to the layer's end, not the block's, and starts before the block's first entry.
   constexpr int64_t kAhead = 64;
+  for (int64_t j = b; j < std::min(b + kAhead, n); ++j) __builtin_prefetch(w + idx[j], 1);
   for (int64_t j = b; j < e; ++j) {
-    if (j + kAhead < e) __builtin_prefetch(w + idx[j + kAhead], 1);
+    if (j + kAhead < n) __builtin_prefetch(w + idx[j + kAhead], 1);
     U* p = w + idx[j];
     const U old = *p;
     *p = val[j];
@@ -53,8 +56,9 @@ template <typename U>
 void swap_range(const at::Tensor& w, const at::Tensor& idx, const at::Tensor& val, int64_t b, int64_t e) {
   U* wp = static_cast<U*>(w.data_ptr());
   U* vp = static_cast<U*>(val.data_ptr());
-  if (idx.scalar_type() == at::kLong) swap_bits<U>(wp, idx.const_data_ptr<int64_t>(), vp, b, e);
-  else swap_bits<U>(wp, idx.const_data_ptr<int32_t>(), vp, b, e);
+  const int64_t n = idx.numel();
+  if (idx.scalar_type() == at::kLong) swap_bits<U>(wp, idx.const_data_ptr<int64_t>(), vp, b, e, n);
+  else swap_bits<U>(wp, idx.const_data_ptr<int32_t>(), vp, b, e, n);
 }
 
 }  // namespace
