@@ -37,7 +37,8 @@ IndexStats index_stats(const I* idx, int64_t n) {
 
 // Exchanges entries [b, e) of a layer with n entries.
 template <typename U, typename I>
-void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e, int64_t n) {
+void swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, int64_t b, int64_t e,
+               int64_t n) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
   // misses in flight. Blocks of one layer run back to back or on other threads, so the look-ahead runs
   // to the layer's end, not the block's, and starts before the block's first entry.

@@ -104,63 +104,6 @@ void resolve_candidates(const Candidates& c, int64_t r, uint8_t* out) {
   }
 }
 
-// ------------------------------------------------------------------------------ whole-layer selection
-// Radix selection on the top B key bits; returns true if the layer holds NaN (nothing else is done then).
-template <typename T>
-bool select_whole(const Layer& L) {
-  using U = typename T::key_t;
-  const U* const src = static_cast<const U*>(L.bits);  // locals: byte stores may alias struct fields
-  uint8_t* const dst = L.out;
-  const int64_t n = L.n;
-  // Enough bins that the threshold bucket is small, few enough (<= n/64) that the histogram stays in
-  // cache and costs little to clear and scan.
-  const int log_n = 63 - std::countl_zero(static_cast<uint64_t>(n));
-  const int B = std::min({16, T::kBits, std::max(4, log_n - 6)});
-  const int shift = T::kBits - B;
-  std::vector<int64_t> hist(size_t(1) << B, 0);
-  int nan = 0;
-  // Bins are computed a block at a time in a loop that vectorises; only the increments are scalar.
-  constexpr int64_t kBins = 1024;
-  uint16_t bin[kBins];
-  for (int64_t b = 0; b < n; b += kBins) {
-    const int64_t len = std::min(kBins, n - b);
-    for (int64_t j = 0; j < len; ++j) {
-      const U u = src[b + j];
-      nan |= key_is_nan<T>(u);
-      bin[j] = static_cast<uint16_t>(order_key<T>(u) >> shift);
-    }
-    for (int64_t j = 0; j < len; ++j) ++hist[bin[j]];
-  }
-  if (nan) return true;
-  int64_t above = 0, bucket = static_cast<int64_t>(hist.size()) - 1;
-  for (; bucket > 0 && above + hist[bucket] < L.k; --bucket) above += hist[bucket];
-  const int64_t take = L.k - above, count = hist[bucket];
-  const U ub = static_cast<U>(bucket);
-  if (take == count) {  // the whole bucket is in: no candidates
-    for (int64_t i = 0; i < n; ++i) dst[i] = U(order_key<T>(src[i]) >> shift) >= ub;
-    return false;
-  }
-  Candidates cand;
-  cand.idx.reserve(count);
-  cand.keys.reserve(count);
-  for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t e = std::min(n, b + kChunk);
-    int in_bucket = 0;
-    for (int64_t i = b; i < e; ++i) {
-      const U kb = U(order_key<T>(src[i]) >> shift);
-      dst[i] = kb > ub;
-      in_bucket |= kb == ub;
-    }
-    if (!in_bucket) continue;
-    for (int64_t i = b; i < e; ++i) {  // the block is still in cache
-      const U key = order_key<T>(src[i]);
-      if (U(key >> shift) == ub) cand.push(i, key);
-    }
-  }
-  resolve_candidates(cand, take, dst);
-  return false;
-}
-
 // ------------------------------------------------------------------------------------ sampled layers
 // Bracket [lo, hi] around the k-th largest key from one key per kSampleStride, at a pseudo-random
 // position inside each stride so that periodic structure (rows, channels) cannot line up with it.
@@ -226,7 +169,7 @@ bool bracket_chunk_generic(const Layer& L, const Chunk& c, ChunkResult& res) {
   V lo, hi;
   if constexpr (kFloat) std::tie(lo, hi) = float_bracket<T, V>(L);
   else lo = V(L.lo), hi = V(L.hi);
-  const U* const src = static_cast<const U*>(L.bits);  // locals: see select_whole
+  const U* const src = static_cast<const U*>(L.bits);  // locals: byte stores may alias fields
   uint8_t* const dst = L.out;
   int nan = 0;
   int64_t above = 0;
@@ -326,6 +269,58 @@ bool bracket_chunk(const Layer& L, const Chunk& c, ChunkResult& res) {
   } else {
     return bracket_chunk_generic<T, U>(L, c, res);
   }
+}
+
+// ------------------------------------------------------------------------------ whole-layer selection
+// Radix selection on the top B key bits, then the bracket pass; returns true if the layer holds NaN
+// (nothing else is done then).
+template <typename T>
+bool select_whole(const Layer& L) {
+  using U = typename T::key_t;
+  const U* const src = static_cast<const U*>(L.bits);  // locals: byte stores may alias struct fields
+  uint8_t* const dst = L.out;
+  const int64_t n = L.n;
+  // Enough bins that the threshold bucket is small, few enough (<= n/64) that the histogram stays in
+  // cache and costs little to clear and scan.
+  const int log_n = 63 - std::countl_zero(static_cast<uint64_t>(n));
+  const int B = std::min({16, T::kBits, std::max(4, log_n - 6)});
+  const int shift = T::kBits - B;
+  // kWays interleaved histograms: consecutive scores often share a bin (few exponents dominate), and
+  // increments of one counter would wait on each other's stores.
+  constexpr int64_t kWays = 4;
+  const int64_t nbins = int64_t(1) << B;
+  std::vector<int64_t> hist(kWays * nbins, 0);
+  int nan = 0;
+  // Bins are computed a block at a time in a loop that vectorises; only the increments are scalar.
+  constexpr int64_t kBins = 1024;
+  uint32_t bin[kBins];
+  for (int64_t b = 0; b < n; b += kBins) {
+    const int64_t len = std::min(kBins, n - b);
+    for (int64_t j = 0; j < len; ++j) {
+      const U u = src[b + j];
+      nan |= key_is_nan<T>(u);
+      bin[j] = static_cast<uint32_t>((order_key<T>(u) >> shift) + (j & (kWays - 1)) * nbins);
+    }
+    for (int64_t j = 0; j < len; ++j) ++hist[bin[j]];
+  }
+  if (nan) return true;
+  for (int64_t w = 1; w < kWays; ++w) {
+    for (int64_t i = 0; i < nbins; ++i) hist[i] += hist[w * nbins + i];
+  }
+  int64_t above = 0, bucket = nbins - 1;
+  for (; bucket > 0 && above + hist[bucket] < L.k; --bucket) above += hist[bucket];
+  // The bucket's key range is the bracket: one pass of the sampled layers' kind writes the mask above
+  // it and collects the keys inside it, which hold the k-th largest.
+  Layer W = L;
+  W.lo = static_cast<uint64_t>(bucket) << shift;
+  W.hi = ((static_cast<uint64_t>(bucket) + 1) << shift) - 1;
+  ChunkResult res;
+  bracket_chunk<T>(W, Chunk{0, 0, n}, res);
+  const int64_t take = L.k - res.above;
+  TORCH_INTERNAL_ASSERT(take >= 0 && take <= static_cast<int64_t>(res.cand.idx.size()),
+                        "topk_mask: histogram bucket does not hold the threshold");
+  resolve_candidates(res.cand, take, dst);
+  return false;
 }
 
 // share_items, except that small jobs run on the calling thread: helpers cost more than they save.
