@@ -33,13 +33,15 @@ def results_dir() -> str:
 
 
 def git_commit() -> str:
-    """The checked-out commit, with ``+changes`` when the working tree differs from it."""
+    """The checked-out commit, with ``+changes`` when tracked files outside ``benchmarks/results/`` (which
+    a run appends to) differ from it."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(top,exclude)benchmarks/results"], cwd=here, capture_output=True,
+                               text=True).stdout.strip()
         return rev + ("+changes" if dirty else "")
     except Exception:
         return "unknown commit"
