@@ -31,6 +31,7 @@ __all__ = [
     "sam_weight_forward_ref",
     "sam_weight_backward_ref",
     "sam_weight_ref",
+    "sam_conv_ref",
     "sam_conv2d_ref",
     "sam_conv_transpose2d_ref",
     "sam_linear_ref",
@@ -199,6 +200,19 @@ def sam_weight_ref(weight: Tensor, mask: Tensor, delta: Tensor, scores: Tensor |
 
 
 # ------------------------------------------------------------------------------- layers using it
+def sam_conv_ref(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
+                 stride=1, padding=0, dilation=1, groups: int = 1, *, transposed: bool = False, output_padding=0,
+                 scores: Tensor | None = None, delta_grad: str = "masked") -> Tensor:
+    """``F.conv{N}d`` (or ``F.conv_transpose{N}d`` when ``transposed``) with ``W + m ⊙ v``, N =
+    ``weight.dim() - 2`` in 1..3; input ``(N, C_in, *spatial)``, weight ``(C_out, C_in/groups, *kernel)``
+    (transposed: ``(C_in, C_out/groups, *kernel)``)."""
+    nd = weight.dim() - 2
+    w = sam_weight_ref(weight, mask, delta, scores, delta_grad)
+    if transposed:
+        return getattr(F, f"conv_transpose{nd}d")(input, w, bias, stride, padding, output_padding, groups, dilation)
+    return getattr(F, f"conv{nd}d")(input, w, bias, stride, padding, dilation, groups)
+
+
 def sam_conv2d_ref(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
                    stride=1, padding=0, dilation=1, groups: int = 1, scores: Tensor | None = None,
                    delta_grad: str = "masked") -> Tensor:

@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the triton backend is unavailable")
 
-from sparse_sam import ops, reference as R  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sparse_sam import ops, reference as R, selftest  # noqa: E402
 from sparse_sam.kernels import patch_swap, sam_conv, sam_weight  # noqa: E402
 
 # The package exports the function topk_mask under the submodule's name.
@@ -209,9 +211,8 @@ def test_sam_conv2d_fused(case, dtype):
     _, _, _, _, _, _, s, p, d, _, _ = case
     x, w, m, v, b = _conv_inputs(case, dtype, False, 6)
     out = sam_conv.sam_conv2d_forward(x, w, m, v, b, s, p, d, 1, fused=True)
-    ref = R.sam_conv2d_ref(x.cpu(), w.cpu(), m.cpu(), v.cpu(), None if b is None else b.cpu(), s, p, d, 1)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    error = selftest.conv_error(out, x, R.sam_weight_forward_ref(w, m, v), b, F.conv2d, (s, p, d, 1))
+    assert error is None, error
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -220,10 +221,8 @@ def test_sam_conv_transpose2d_fused(case, dtype):
     _, _, _, _, _, _, s, p, d, op, _ = case
     x, w, m, v, b = _conv_inputs(case, dtype, True, 7)
     out = sam_conv.sam_conv_transpose2d_forward(x, w, m, v, b, s, p, op, 1, d, fused=True)
-    ref = R.sam_conv_transpose2d_ref(x.cpu(), w.cpu(), m.cpu(), v.cpu(), None if b is None else b.cpu(),
-                                     s, p, op, 1, d)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    error = selftest.conv_error(out, x, R.sam_weight_forward_ref(w, m, v), b, F.conv_transpose2d, (s, p, op, 1, d))
+    assert error is None, error
 
 
 def test_sam_conv_declines():
@@ -240,6 +239,7 @@ def test_sam_conv_declines():
 
 def test_sam_conv_autograd_through_ops(monkeypatch):
     monkeypatch.setenv("SPARSE_SAM_TRITON_CONV", "always")
+    monkeypatch.setenv("SPARSE_SAM_FUSED_CONV", "1")
     case = CONV_CASES[1]
     _, _, _, _, _, _, s, p, d, op, _ = case
     x, w, m, v, b = _conv_inputs(case, torch.float32, True, 9)
@@ -248,6 +248,7 @@ def test_sam_conv_autograd_through_ops(monkeypatch):
     leaves_ref = [t.clone().requires_grad_() for t in (x, v, sc)]
     y = ops.sam_conv_transpose2d(leaves[0], w, m, leaves[1], None, s, p, op, 1, d, scores=leaves[2],
                                  backend="triton")
+    assert "SAMConvFunction" in type(y.grad_fn).__name__  # the fused forward ran
     yr = R.sam_conv_transpose2d_ref(leaves_ref[0], w, m, leaves_ref[1], None, s, p, op, 1, d,
                                     scores=leaves_ref[2])
     torch.testing.assert_close(y, yr, **TOL[torch.float32])
