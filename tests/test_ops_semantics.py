@@ -130,3 +130,18 @@ def test_sam_conv_ref_is_the_plain_conv_of_the_reference_weight():
     w, m, v, _ = _sam_inputs((6, 3, 2, 3, 3), g)
     x = torch.randn(1, 3, 5, 6, 7, generator=g)
     assert torch.equal(R.sam_conv_ref(x, w, m, v, None, 1, 1), F.conv3d(x, R.sam_weight_forward_ref(w, m, v), None, 1, 1))
+
+
+# ----------------------------------------------------------------------------- one device per group
+@pytest.mark.parametrize("backend", backend_params("topk_mask"))
+def test_grouped_ops_name_the_layer_on_another_device(backend):
+    scores = [torch.randn(4, 5), torch.randn(3).to("meta"), torch.randn(2)]
+    with pytest.raises(ValueError, match=r"topk_mask: layer 'b' is on meta but layer 'a' is on cpu"):
+        ops.topk_mask(scores, [1, 1, 1], backend=backend, names=["a", "b", "c"])
+    ws = [torch.randn(6), torch.randn(5).to("meta")]
+    idx = [torch.tensor([0, 2]), torch.tensor([1]).to("meta")]
+    vals = [torch.randn(2), torch.randn(1).to("meta")]
+    before = raw_bits(ws[0])
+    with pytest.raises(ValueError, match=r"swap_: layer #1 is on meta but layer #0 is on cpu"):
+        ops.swap_(ws, idx, vals, backend=backend)
+    assert torch.equal(raw_bits(ws[0]), before)
