@@ -256,7 +256,8 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
         ks: L budgets, ``0 <= ks[l] <= scores[l].numel()``.
         names: layer names for the NaN error.
         check_nan: read the per-layer NaN flags back (one host synchronisation) and raise
-            ``ValueError`` naming the first NaN layer. ``False`` never synchronises.
+            ``ValueError`` naming the first NaN layer. ``False`` never synchronises; nor does a call
+            while the stream is being captured in a CUDA graph.
 
     Returns:
         L bool tensors of shapes ``S_l`` (views of one flat buffer) with exactly ``ks[l]`` ones:
@@ -290,7 +291,7 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
             _topk_select_kernel[grid](addr, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
                                       plan["seg_off"], plan["seg_len"], plan["seg_nblk"], sel, cand, cnt, t2,
                                       SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
-        if check_nan:
+        if check_nan and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
             flags = nan.tolist()
             if any(flags):
                 i = flags.index(1)

@@ -243,14 +243,15 @@ _lock = threading.RLock()
 def verify(backend: str, op: str, impl, device: torch.device, dtype: torch.dtype) -> str | None:
     """Run ``op``'s check once per process for ``(backend, device, dtype)``; ``None`` if it passed,
     else the error text. Later calls return the remembered verdict. Inside ``torch.compile`` tracing
-    no check runs: a known verdict is returned, an unknown one counts as passed."""
+    or CUDA graph capture no check runs: a known verdict is returned, an unknown one counts as passed
+    (the usual warm-up call before capturing runs the check)."""
     op = SAME_AS.get(op, op)
     key = (backend, op, str(device), dtype)
     verdict = _verdicts.get(key, ...)
     if verdict is not ...:
         return verdict
-    if torch.compiler.is_compiling():
-        return None
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None  # a check cannot run while tracing or capturing a CUDA graph; a warm-up call runs it
     with _lock:
         if key in _verdicts:
             return _verdicts[key]
