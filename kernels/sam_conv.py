@@ -8,6 +8,11 @@ dilation become masked loads). For the transposed conv the same gather runs back
 ``1 - 1/stride²`` of the reduction (the simple form, no sub-pixel decomposition). Accumulation is in
 float32; the result is rounded once to the input dtype.
 
+The ops call these forwards only when the fused conv is asked for (``fused=True`` on the op, or
+``SPARSE_SAM_FUSED_CONV=1``; see :mod:`sparse_sam.ops`): by default they materialise ``W_eff`` and call
+PyTorch, which keeps the patched forward bit-identical to the model with the patch applied. The fused
+result agrees with it within :func:`sparse_sam.selftest.conv_tolerance`.
+
 Dispatch (``fused=None``): the fused kernel only pays when the layer is small enough that launching
 and streaming the separate ``W_eff`` materialisation is a visible share of the conv, because cuDNN's
 convolutions are faster than this kernel on large problems. The heuristic (a priori; the GPU

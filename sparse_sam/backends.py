@@ -175,8 +175,7 @@ def _selftest_failure(name: str, op: str, impl, tensor: torch.Tensor) -> str | N
     if not selftest.enabled():
         return None
     dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-    key = (name, selftest.SAME_AS.get(op, op), str(tensor.device), dtype)
-    known = key in selftest._verdicts
+    known = selftest.known(name, op, tensor.device, dtype)
     error = selftest.verify(name, op, impl, tensor.device, dtype)
     if error is not None and not known:
         warnings.warn(f"sparse_sam: the {name} backend failed its self-test for {op} on {tensor.device} "

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["SelfTestMismatch", "CHECKS", "check", "verify", "enabled", "conv_tolerance", "conv_error", "run_all",
-           "clear", "Result"]
+__all__ = ["SelfTestMismatch", "CHECKS", "check", "verify", "known", "enabled", "conv_tolerance", "conv_error",
+           "run_all", "clear", "Result"]
 
 
 class SelfTestMismatch(AssertionError):
@@ -240,13 +240,22 @@ _verdicts: dict[tuple, str | None] = {}  # (backend, op, device, dtype) -> None 
 _lock = threading.RLock()
 
 
+def _key(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    return backend, SAME_AS.get(op, op), str(device), dtype
+
+
+def known(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`verify` already has a verdict for these arguments (it would not run a check)."""
+    return _key(backend, op, device, dtype) in _verdicts
+
+
 def verify(backend: str, op: str, impl, device: torch.device, dtype: torch.dtype) -> str | None:
     """Run ``op``'s check once per process for ``(backend, device, dtype)``; ``None`` if it passed,
     else the error text. Later calls return the remembered verdict. Inside ``torch.compile`` tracing
     or CUDA graph capture no check runs: a known verdict is returned, an unknown one counts as passed
     (the usual warm-up call before capturing runs the check)."""
-    op = SAME_AS.get(op, op)
-    key = (backend, op, str(device), dtype)
+    key = _key(backend, op, device, dtype)
+    op = key[1]
     verdict = _verdicts.get(key, ...)
     if verdict is not ...:
         return verdict

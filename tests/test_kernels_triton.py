@@ -432,4 +432,5 @@ def test_gpu_ops_on_the_second_device_while_the_first_is_current():
         w = torch.randn(64, 33, generator=g).to("cuda:1")
         m = (torch.rand(64, 33, generator=g) < 0.5).to("cuda:1")
         v = torch.randn(64, 33, generator=g).to("cuda:1")
-        assert torch.equal(sam_weight.sam_weight_forward(w, m, v).cpu(), R.sam_weight_forward_ref(w.cpu(), m.cpu(), v.cpu()))
+        want = R.sam_weight_forward_ref(w.cpu(), m.cpu(), v.cpu())
+        assert torch.equal(sam_weight.sam_weight_forward(w, m, v).cpu(), want)

@@ -129,7 +129,8 @@ def test_sam_conv_ref_is_the_plain_conv_of_the_reference_weight():
     g = gen(3)
     w, m, v, _ = _sam_inputs((6, 3, 2, 3, 3), g)
     x = torch.randn(1, 3, 5, 6, 7, generator=g)
-    assert torch.equal(R.sam_conv_ref(x, w, m, v, None, 1, 1), F.conv3d(x, R.sam_weight_forward_ref(w, m, v), None, 1, 1))
+    want = F.conv3d(x, R.sam_weight_forward_ref(w, m, v), None, 1, 1)
+    assert torch.equal(R.sam_conv_ref(x, w, m, v, None, 1, 1), want)
 
 
 # ----------------------------------------------------------------------------- one device per group
