@@ -10,7 +10,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["sparse_sam", "sparse_sam.experiments", "sparse_sam.kernels"]
-# kernels/ lives at the top level (DESIGN.md §2) but installs as sparse_sam.kernels: a top-level
+# kernels/ lives at the top level (docs/design.md §2) but installs as sparse_sam.kernels: a top-level
 # `kernels` module would collide with an existing PyPI package.
 PACKAGE_DIR = {"sparse_sam.kernels": "kernels"}
 

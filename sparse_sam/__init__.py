@@ -1,6 +1,6 @@
 """sparse_sam: zero-forget domain adaptation with sparse additive weight modifications.
 
-A pre-trained model adapts through ``W* + m ⊙ v`` with a learned top-k mask ``m`` per layer; the
+A pre-trained model adapts through ``W* + m ⊙ v`` with a learned top-k mask ``m`` per weight; the
 modification exports as a tiny patch that switches on and off in place, bit-exactly::
 
     handle = sparse_sam.patch(model, sparsity=0.01)
@@ -11,14 +11,14 @@ modification exports as a tiny patch that switches on and off in place, bit-exac
 """
 from . import backends, ops, reference
 from .budget import layer_budgets
-from .modules import SAMConv2d, SAMConvTranspose2d, SAMLayer, SAMLinear
-from .patchfile import PatchFileError, PatchMismatchError, SparsePatch, load_patch
-from .patching import SAMHandle, patch, patched, unpatch
+from .modules import PatchedWeight, SAMConv2d, SAMConvTranspose2d, SAMLayer, SAMLinear
+from .patchfile import PatchFileError, PatchMismatchError, SparsePatch, applied_patch, load_patch, switch
+from .patching import SAMConfig, SAMHandle, patch, patched, resume, unpatch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "patch", "unpatch", "patched", "SAMHandle", "SparsePatch", "load_patch", "layer_budgets",
-    "PatchFileError", "PatchMismatchError", "SAMLayer", "SAMConv2d", "SAMConvTranspose2d", "SAMLinear",
-    "backends", "ops", "reference", "__version__",
+    "patch", "unpatch", "patched", "resume", "SAMConfig", "SAMHandle", "SparsePatch", "load_patch", "switch",
+    "applied_patch", "layer_budgets", "PatchFileError", "PatchMismatchError", "PatchedWeight", "SAMLayer",
+    "SAMConv2d", "SAMConvTranspose2d", "SAMLinear", "backends", "ops", "reference", "__version__",
 ]

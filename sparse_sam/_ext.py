@@ -15,7 +15,7 @@ Loading order:
 
 The CUDA ``topk_mask`` and ``swap_`` do not synchronise: they report NaN scores and invalid swap
 indices in a per-device error word that :func:`_check_cuda_errors` turns into the protocol's
-``ValueError`` (design note 17).
+``ValueError`` (design note 20, docs/design-notes.md).
 
 A load or build failure is logged once; :func:`backend` then raises
 :class:`~sparse_sam.backends.BackendUnavailable` with the reason, which ``python -m sparse_sam.info``

@@ -1,21 +1,36 @@
 """Sparse patch files: the learned modification of a model, as indices + deltas, in safetensors.
 
-A :class:`SparsePatch` holds, per layer, the sorted flat indices where the mask is set and the deltas
-``v`` there. Applying it writes ``W + v`` (computed exactly as the patched forward computes it) into the
-weights in place by a raw-bit swap; removing it swaps back, so the base weights return bit for bit.
+A :class:`SparsePatch` holds, per patched Parameter, the sorted flat indices where the mask is set and the
+deltas ``v`` there. Applying it writes ``W + v`` (computed exactly as the patched forward computes it) into
+the weights in place by a raw-bit swap; removing it swaps back, so the base weights return bit for bit.
+A tied weight is one entry, written once.
 
 File format (safetensors; never pickle, so loading an untrusted file runs no code)
 ---------------------------------------------------------------------------------
-Metadata key ``sparse_sam`` holds JSON: ``format``, ``version``, ``encoding``, ``sparsity``,
-``allocation``, ``fingerprint`` (SHA-256 of the base weights), and ``layers``: a list of
-``{name, shape, dtype, k}``. Tensors, for layer ``i``:
+Metadata key ``sparse_sam`` holds JSON: ``format``, ``version`` (2), ``encoding``, ``sparsity``,
+``allocation``, ``config`` (every option of :func:`sparse_sam.patch`), ``fingerprint`` (SHA-256 of the
+base weights), and ``layers``: a list of ``{name, names, shape, dtype, k}`` where ``name`` is the
+Parameter's qualified name (``names``: all of them, for a tied weight). Tensors, for entry ``i``:
 
-* encoding ``"fp32"`` (lossless): ``{i}.indices`` int32 ``(k,)`` and ``{i}.deltas`` float32 ``(k,)``
-  (float64 for float64 weights): 8 bytes per modified weight.
+* encoding ``"fp32"`` (lossless): ``{i}.indices`` ``(k,)`` and ``{i}.deltas`` float32 ``(k,)`` (float64 for
+  float64 weights). Indices are int32, or int64 for a weight of ≥ 2^31 elements: 8 (12) bytes per
+  modified weight.
 * encoding ``"compact"``: ``{i}.gaps`` uint16 and ``{i}.deltas`` float16 ``(k,)``: 4 bytes per modified
   weight. ``gaps[j]`` is the distance from the previous index (the first counts from -1); a gap of 0 is
   an escape meaning "advance 65535, no value", so gaps longer than 65535 cost 2 more bytes each.
   Deltas are rounded to float16: lossy.
+
+Version 1 files (names of modules, weight implied; int32 indices) still load.
+
+Switching cost
+--------------
+The first :meth:`SparsePatch.apply` to a model validates the patch against it, hashes the base weights
+(O(N)) and prepares the values to write. Later apply/remove cycles on the same model are O(k): one native
+swap call for all weights, with no per-weight Python checks. Between cycles the base is trusted unchanged
+only while every weight keeps its identity, storage and version counter *and* the bits at the patch's
+positions equal the ones the first apply verified; an edit through ``.data`` (which bypasses the version
+counter) at those positions is caught and leads to a full re-hash. ``apply(model, verify="full")``
+re-hashes every time.
 """
 from __future__ import annotations
 
@@ -24,24 +39,27 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops
-from .reference import sam_weight_forward_ref
+from . import backends, ops
+from .reference import bits_view, check_swap_args, sam_weight_forward_ref
 
 __all__ = ["SparsePatch", "PatchLayer", "PatchFileError", "PatchMismatchError", "load_patch", "fingerprint",
-           "ENCODINGS"]
+           "applied_patch", "switch", "ENCODINGS"]
 
-FORMAT, VERSION = "sparse_sam.patch", 1
+FORMAT, VERSION = "sparse_sam.patch", 2
 ENCODINGS = ("fp32", "compact")
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 _ESCAPE = 65535
+# Weights with more elements than this get int64 indices (a module attribute so tests can lower it).
+INT32_LIMIT = 2**31 - 1
 
 
 class PatchFileError(ValueError):
@@ -49,19 +67,27 @@ class PatchFileError(ValueError):
 
 
 class PatchMismatchError(ValueError):
-    """A patch does not fit the model it is applied to (unknown layer, shape, dtype, fingerprint)."""
+    """A patch does not fit the model it is applied to (unknown weight, shape, dtype, fingerprint)."""
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 for weights addressable by int32 flat indices, int64 beyond (``> INT32_LIMIT`` elements)."""
+    return torch.int64 if numel > INT32_LIMIT else torch.int32
 
 
 @dataclass
 class PatchLayer:
-    """One layer of a patch: ``indices`` int32 ``(k,)`` strictly increasing flat indices into a weight of
-    ``shape``/``dtype``, and ``deltas`` ``(k,)`` (float32, or float64 for float64 weights)."""
+    """One patched Parameter: ``indices`` ``(k,)`` strictly increasing flat indices (int32, or int64 for
+    weights of > 2^31 - 1 elements) into a weight of ``shape``/``dtype``, and ``deltas`` ``(k,)`` (float32,
+    or float64 for float64 weights). ``name`` is the Parameter's qualified name; ``names`` every name
+    under which the model holds it (tied weights)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     indices: Tensor
     deltas: Tensor
+    names: list[str] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -69,27 +95,43 @@ class PatchLayer:
 
 
 # ----------------------------------------------------------------------------------- fingerprints
-# id(weight) -> (weakref, _version, digest): lets repeated apply/remove cycles skip re-hashing weights
-# that provably have not changed since they were hashed (remove() re-registers the restored bits).
-_FP_CACHE: dict[int, tuple[weakref.ref, int, bytes]] = {}
+# id(weight) -> (weakref, _version, data_ptr, digest): lets later checks skip re-hashing weights that
+# provably have not changed since they were hashed (remove() re-registers the restored bits).
+_FP_CACHE: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
+_FP_LOCK = threading.Lock()
 
 
-def _weight_digest(w: Tensor) -> bytes:
-    hit = _FP_CACHE.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
+def _weight_digest(w: Tensor, fresh: bool = False) -> bytes:
+    hit = None if fresh else _FP_CACHE.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
+        return hit[3]
     raw = w.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     digest = hashlib.sha256(raw).digest()
-    _FP_CACHE[id(w)] = (weakref.ref(w), w._version, digest)
+    with _FP_LOCK:
+        _FP_CACHE[id(w)] = (weakref.ref(w), w._version, w.data_ptr(), digest)
     return digest
 
 
-def fingerprint(named_weights: list[tuple[str, Tensor]]) -> str:
-    """SHA-256 over each ``(name, weight)``'s name, shape, dtype and raw bytes, in order (hex)."""
+def _forget_digest(w: Tensor) -> None:
+    with _FP_LOCK:
+        _FP_CACHE.pop(id(w), None)
+
+
+def _keep_digest(w: Tensor) -> None:
+    """Re-register ``w``'s cached digest at its current version (its bits are the hashed ones)."""
+    hit = _FP_CACHE.get(id(w))
+    if hit is not None and hit[0]() is w:
+        with _FP_LOCK:
+            _FP_CACHE[id(w)] = (hit[0], w._version, w.data_ptr(), hit[3])
+
+
+def fingerprint(named_weights: list[tuple[str, Tensor]], fresh: bool = False) -> str:
+    """SHA-256 over each ``(name, weight)``'s name, shape, dtype and raw bytes, in order (hex).
+    ``fresh=True`` re-hashes every weight instead of trusting the cache."""
     h = hashlib.sha256()
     for name, w in named_weights:
         h.update(f"{name}|{tuple(w.shape)}|{w.dtype}|".encode())
-        h.update(_weight_digest(w))
+        h.update(_weight_digest(w, fresh))
     return h.hexdigest()
 
 
@@ -104,30 +146,132 @@ def _encode_gaps(indices: Tensor) -> Tensor:
     return out.to(torch.int32).to(torch.uint16)
 
 
-def _decode_gaps(gaps: Tensor) -> Tensor:
+def _decode_gaps(gaps: Tensor, numel: int) -> Tensor:
     g = gaps.to(torch.int64)
     steps = torch.where(g == 0, torch.full_like(g, _ESCAPE), g)
     pos = torch.cumsum(steps, 0) - 1
-    return pos[g != 0].to(torch.int32)
+    return pos[g != 0].to(index_dtype(numel))
 
 
-def _model_weight(model: nn.Module, name: str) -> Tensor:
-    try:
-        w = model.get_submodule(name).weight
-    except AttributeError:
-        raise PatchMismatchError(f"patch layer '{name}' does not exist in the model "
-                                 f"({type(model).__name__})") from None
-    if not isinstance(w, Tensor):
-        raise PatchMismatchError(f"patch layer '{name}' has no weight tensor in the model")
-    return w
+# ------------------------------------------------------------------------------- model resolution
+def _resolve(model: nn.Module, name: str) -> tuple[list[tuple[nn.Module, str]], nn.Parameter]:
+    """The chain of ``(module, child name)`` from ``model`` to the owner, then the Parameter at ``name``."""
+    *path, attr = name.split(".")
+    chain, m = [], model
+    for part in path:
+        child = m._modules.get(part)
+        if child is None:
+            raise PatchMismatchError(f"patch weight '{name}' does not exist in the model ({type(model).__name__}):"
+                                     f" no submodule '{part}'")
+        chain.append((m, part))
+        m = child
+    p = m._parameters.get(attr)
+    if p is None:
+        raise PatchMismatchError(f"patch weight '{name}' does not exist in the model: {type(m).__name__} has no "
+                                 f"parameter '{attr}'")
+    chain.append((m, attr))
+    return chain, p
+
+
+def _chain_intact(model: nn.Module, chain: list[tuple[nn.Module, str]], p: Tensor) -> bool:
+    m = model
+    for parent, key in chain[:-1]:
+        if parent is not m:
+            return False
+        m = parent._modules.get(key)
+    owner, attr = chain[-1]
+    return owner is m and owner._parameters.get(attr) is p
 
 
 def _model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-# Patches currently applied, per model: at most one, so remove() always restores the base.
-_APPLIED: "weakref.WeakKeyDictionary[nn.Module, tuple[SparsePatch, list[Tensor]]]" = weakref.WeakKeyDictionary()
+class _Binding:
+    """A patch prepared for one model: resolved weights, the values to write, and the state the fast
+    path trusts. While not applied, ``values[l]`` hold ``W + v`` at ``indices[l]``; while applied, the
+    base bits. Values of one dtype/device are views of one flat buffer, checked in one comparison."""
+
+    def __init__(self, model: nn.Module, patch: "SparsePatch", strict: bool, verify_full: bool):
+        self.chains, self.weights = [], []
+        for layer in patch.layers:
+            chain, w = _resolve(model, layer.name)
+            if tuple(w.shape) != layer.shape:
+                raise PatchMismatchError(f"'{layer.name}': patch is for shape {layer.shape}, the model's weight "
+                                         f"has {tuple(w.shape)}")
+            if w.dtype != layer.dtype:
+                raise PatchMismatchError(f"'{layer.name}': patch is for {layer.dtype}, the model's weight is "
+                                         f"{w.dtype}")
+            if not w.is_contiguous():
+                raise PatchMismatchError(f"'{layer.name}': the model's weight is not contiguous")
+            if any(w is other for other in self.weights):
+                raise PatchMismatchError(f"'{layer.name}' is the same Parameter as another entry of the patch")
+            self.chains.append(chain)
+            self.weights.append(w)
+        if len({w.device for w in self.weights}) > 1:
+            raise PatchMismatchError("the patched weights are on several devices "
+                                     f"({sorted({str(w.device) for w in self.weights})}); move the model to one")
+        if strict:
+            fp = patch._fingerprint_of(self.weights, fresh=verify_full)
+            if fp != patch.fingerprint:
+                for w in self.weights:  # they may have been edited through .data: hash afresh next time
+                    _forget_digest(w)
+                raise PatchMismatchError("the model's base weights differ from those the patch was trained on "
+                                         "(fingerprint mismatch); pass strict=False to apply anyway")
+        self.strict = strict
+        device = self.weights[0].device if self.weights else torch.device("cpu")
+        self.indices = [layer.indices.to(device) for layer in patch.layers]
+        # One flat buffer per dtype for the values, one for the base bits expected under them.
+        self.values, self.flat, self.expect = [None] * len(self.weights), [], []
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, w in enumerate(self.weights):
+            groups.setdefault(w.dtype, []).append(i)
+        with torch.no_grad():
+            for dtype, members in groups.items():
+                sizes = [self.indices[i].numel() for i in members]
+                flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+                base = torch.empty_like(flat)
+                for i, view, bview in zip(members, flat.split(sizes), base.split(sizes)):
+                    w, layer = self.weights[i], patch.layers[i]
+                    b = w.detach().reshape(-1)[self.indices[i]]
+                    bview.copy_(b)
+                    d = layer.deltas.to(device)
+                    # The same arithmetic as the patched forward, so applied weights equal W_eff bit for bit.
+                    view.copy_(sam_weight_forward_ref(b, torch.ones_like(b, dtype=torch.bool), d))
+                    self.values[i] = view
+                self.flat.append(bits_view(flat))
+                self.expect.append(bits_view(base))
+        check_swap_args(self.weights, self.indices, self.values, [l.name for l in patch.layers])
+        _, self.impl = backends.resolve("swap_", self.weights[0]) if self.weights else (None, None)
+        self.versions = self._versions()  # as of the last time the base was known to be intact
+        self.versions_applied: list[tuple[int, int]] | None = None  # right after the last apply
+
+    def _versions(self) -> list[tuple[int, int]]:
+        return [(w._version, w.data_ptr()) for w in self.weights]
+
+    def intact(self, model: nn.Module) -> bool:
+        """O(L): same Parameters at the same places, same storage, unchanged version counters."""
+        return (all(_chain_intact(model, c, w) for c, w in zip(self.chains, self.weights))
+                and self._versions() == self.versions)
+
+    def swap(self) -> None:
+        if self.weights:
+            with torch.no_grad():
+                self.impl.swap_(self.weights, self.indices, self.values)
+
+    def base_bits_ok(self) -> bool:
+        """After an apply: the bits the swap took out of the weights are the verified base bits."""
+        return all(torch.equal(f, e) for f, e in zip(self.flat, self.expect))
+
+
+# Patches currently applied, per model, in application order (stacked only with stack=True).
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsePatch, _Binding]]]" = weakref.WeakKeyDictionary()
+
+
+def applied_patch(model: nn.Module) -> "SparsePatch | None":
+    """The patch applied last to ``model`` (None if none is)."""
+    stack = _APPLIED.get(model)
+    return stack[-1][0] if stack else None
 
 
 class SparsePatch:
@@ -141,14 +285,24 @@ class SparsePatch:
         with sparse_sam.load_patch("domain.sam").applied(model):
             y = model(x)           # adapted
         y0 = model(x)              # pre-trained, bit for bit
+
+    Attributes:
+        layers: list of :class:`PatchLayer`; fingerprint: SHA-256 (hex) of the base weights;
+        sparsity, allocation: as patched; config: every :func:`~sparse_sam.patch` option (a dict);
+        encoding: "fp32" or "compact".
     """
 
     def __init__(self, layers: list[PatchLayer], fingerprint: str, sparsity: float | None = None,
-                 allocation: str | None = None, encoding: str = "fp32"):
+                 allocation: str | None = None, encoding: str = "fp32", config: dict | None = None,
+                 legacy_names: bool = False):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.layers, self.fingerprint = layers, fingerprint
         self.sparsity, self.allocation, self.encoding = sparsity, allocation, encoding
+        self.config = dict(config) if config else {}
+        self._legacy_names = legacy_names  # version-1 file: fingerprinted under module names
+        self._bindings: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         if encoding == "compact":
             self._to_compact()
         for layer in layers:
@@ -157,14 +311,20 @@ class SparsePatch:
     @classmethod
     def from_handle(cls, handle, encoding: str = "fp32") -> "SparsePatch":
         layers, named = [], []
-        for name, m in handle.layers.items():
-            m._ensure_mask()
-            idx = torch.nonzero(m.mask.reshape(-1)).reshape(-1)
-            deltas = m.delta.detach().reshape(-1)[idx]
-            layers.append(PatchLayer(name, tuple(m.weight.shape), m.weight.dtype, idx.to(torch.int32).cpu(),
-                                     deltas.cpu().clone()))
-            named.append((name, m.weight))
-        return cls(layers, fingerprint(named), handle.sparsity, handle.allocation, encoding)
+        handle.refresh_stale_masks()
+        for name, pw in handle.layers.items():
+            w = pw.weight
+            idx = torch.nonzero(pw.mask.reshape(-1)).reshape(-1)
+            deltas = pw.delta.detach().reshape(-1)[idx]
+            layers.append(PatchLayer(name, tuple(w.shape), w.dtype, idx.to(index_dtype(w.numel())).cpu(),
+                                     deltas.cpu().clone(), list(pw.names)))
+            named.append((name, w))
+        return cls(layers, fingerprint(named), handle.config.sparsity, handle.config.allocation, encoding,
+                   handle.config.to_dict())
+
+    def _fingerprint_of(self, weights: list[Tensor], fresh: bool = False) -> str:
+        names = [l.name.rpartition(".")[0] if self._legacy_names else l.name for l in self.layers]
+        return fingerprint(list(zip(names, weights)), fresh=fresh)
 
     def _to_compact(self) -> None:
         for layer in self.layers:
@@ -189,7 +349,7 @@ class SparsePatch:
         return self.nbytes / _model_bytes(model)
 
     def __repr__(self) -> str:
-        return (f"SparsePatch({len(self.layers)} layers, {self.num_modified} modified weights, "
+        return (f"SparsePatch({len(self.layers)} weights, {self.num_modified} modified, "
                 f"{self.nbytes} bytes, encoding={self.encoding!r}, sparsity={self.sparsity})")
 
     # -- files --------------------------------------------------------------------------------------
@@ -200,15 +360,17 @@ class SparsePatch:
                 out[f"{i}.gaps"] = _encode_gaps(layer.indices)
                 out[f"{i}.deltas"] = layer.deltas.to(torch.float16)
             else:
-                out[f"{i}.indices"] = layer.indices.to(torch.int32)
+                out[f"{i}.indices"] = layer.indices.to(index_dtype(layer.numel))
                 out[f"{i}.deltas"] = layer.deltas
         return out
 
     def _metadata(self) -> dict[str, str]:
         meta = {"format": FORMAT, "version": VERSION, "encoding": self.encoding, "sparsity": self.sparsity,
-                "allocation": self.allocation, "fingerprint": self.fingerprint,
-                "layers": [{"name": l.name, "shape": list(l.shape), "dtype": str(l.dtype),
-                            "k": int(l.indices.numel())} for l in self.layers]}
+                "allocation": self.allocation, "fingerprint": self.fingerprint, "config": self.config,
+                "layers": [{"name": l.name, "names": list(l.names or [l.name]), "shape": list(l.shape),
+                            "dtype": str(l.dtype), "k": int(l.indices.numel())} for l in self.layers]}
+        if self._legacy_names:
+            meta["fingerprint_names"] = "modules"
         return {"sparse_sam": json.dumps(meta)}
 
     def to_bytes(self) -> bytes:
@@ -234,65 +396,93 @@ class SparsePatch:
             raise
 
     # -- switching ----------------------------------------------------------------------------------
-    def _targets(self, model: nn.Module, strict: bool) -> list[Tensor]:
-        """Check the whole patch against ``model`` (raises before anything is written)."""
-        weights = []
-        for layer in self.layers:
-            w = _model_weight(model, layer.name)
-            if tuple(w.shape) != layer.shape:
-                raise PatchMismatchError(f"layer '{layer.name}': patch is for shape {layer.shape}, the model's "
-                                         f"weight has {tuple(w.shape)}")
-            if w.dtype != layer.dtype:
-                raise PatchMismatchError(f"layer '{layer.name}': patch is for {layer.dtype}, the model's weight "
-                                         f"is {w.dtype}")
-            if not w.is_contiguous():
-                raise PatchMismatchError(f"layer '{layer.name}': the model's weight is not contiguous")
-            weights.append(w)
-        if strict:
-            fp = fingerprint([(layer.name, w) for layer, w in zip(self.layers, weights)])
-            if fp != self.fingerprint:
-                raise PatchMismatchError("the model's base weights differ from those the patch was trained on "
-                                         "(fingerprint mismatch); pass strict=False to apply anyway")
-        return weights
+    def verify(self, model: nn.Module, strict: bool = True) -> None:
+        """Check the whole patch against ``model`` (weights exist, shapes, dtypes, and with ``strict`` the
+        base fingerprint); raises :class:`PatchMismatchError`, writes nothing."""
+        _Binding(model, self, strict, verify_full=False)
 
-    def apply(self, model: nn.Module, strict: bool = True) -> nn.Module:
-        """Write the patch into ``model``'s weights in place (O(k) after the first fingerprint check).
+    def _binding(self, model: nn.Module, strict: bool, verify: str) -> _Binding:
+        b = self._bindings.get(model)
+        if b is not None and verify == "cached" and (b.strict or not strict) and b.intact(model):
+            return b
+        if b is not None:  # something moved: hash afresh the weights that changed
+            for w in b.weights:
+                _forget_digest(w)
+        b = _Binding(model, self, strict, verify_full=(verify == "full"))
+        self._bindings[model] = b
+        return b
 
-        Raises :class:`PatchMismatchError` if a layer is missing or differs in shape/dtype, if the base
-        fingerprint differs (unless ``strict=False``), or if a patch is already applied to ``model``.
-        Nothing is written when it raises.
+    def apply(self, model: nn.Module, strict: bool = True, verify: str = "cached", stack: bool = False) -> nn.Module:
+        """Write the patch into ``model``'s weights in place.
+
+        The first apply to a model checks and prepares everything (O(N) hash of the base weights); later
+        cycles are O(k) (see the module docstring).
+
+        Args:
+            strict: check the base fingerprint (default). ``strict=False`` applies to any base of the same
+                shapes and dtypes.
+            verify: "cached" (default; re-hash only what may have changed) or "full" (re-hash the base).
+            stack: allow applying on top of another applied patch (remove in reverse order).
+
+        Raises :class:`PatchMismatchError` if a weight is missing or differs in shape/dtype, if the base
+        fingerprint differs (unless ``strict=False``), if a patch is already applied (unless ``stack``), or
+        if the model is patched for training (:func:`sparse_sam.patch`). Nothing is written when it raises.
         """
-        if model in _APPLIED:
-            other = _APPLIED[model][0]
-            what = "this patch is" if other is self else "another patch is"
-            raise PatchMismatchError(f"{what} already applied to this model; remove it first")
-        weights = self._targets(model, strict)
-        values = []
-        for layer, w in zip(self.layers, weights):
-            idx = layer.indices.to(device=w.device, dtype=torch.int64)
-            base = w.detach().reshape(-1)[idx]
-            d = layer.deltas.to(w.device)
-            # The same arithmetic as the patched forward, so applied weights equal W_eff bit for bit.
-            values.append(sam_weight_forward_ref(base, torch.ones_like(base, dtype=torch.bool), d).contiguous())
-        indices = [layer.indices.to(w.device) for layer, w in zip(self.layers, weights)]
-        ops.swap_(weights, indices, values, names=[l.name for l in self.layers])
-        _APPLIED[model] = (self, values)  # values now hold the original bits
+        from .patching import _HANDLE_ATTR
+
+        if verify not in ("cached", "full"):
+            raise ValueError(f"verify must be 'cached' or 'full', got {verify!r}")
+        if getattr(model, _HANDLE_ATTR, None) is not None:
+            raise PatchMismatchError("the model is patched for training (sparse_sam.patch); export and "
+                                     "unpatch it before applying a patch file")
+        with self._lock:
+            applied = _APPLIED.get(model)
+            if applied:
+                if any(p is self for p, _ in applied):
+                    raise PatchMismatchError("this patch is already applied to this model; remove it first")
+                if not stack:
+                    raise PatchMismatchError("another patch is already applied to this model; remove it first "
+                                             "(or use sparse_sam.switch(model, patch), or stack=True)")
+            b = self._binding(model, strict, verify)
+            b.swap()
+            if strict and not b.base_bits_ok():
+                # The bits under the patch changed without a version bump (an edit through .data):
+                # undo, then check the whole base afresh.
+                b.swap()
+                del self._bindings[model]
+                for w in b.weights:
+                    _forget_digest(w)
+                b = self._binding(model, strict, "full")
+                b.swap()
+            b.versions_applied = b._versions()
+            _APPLIED.setdefault(model, []).append((self, b))
         return model
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Swap the original weights back in: ``model`` is bit-identical to before :meth:`apply`."""
-        entry = _APPLIED.get(model)
-        if entry is None or entry[0] is not self:
-            raise PatchMismatchError("this patch is not applied to this model")
-        weights = [_model_weight(model, layer.name) for layer in self.layers]
-        indices = [layer.indices.to(w.device) for layer, w in zip(self.layers, weights)]
-        ops.swap_(weights, indices, entry[1], names=[l.name for l in self.layers])
-        del _APPLIED[model]
-        for w in weights:  # these bits were hashed before apply: skip re-hashing them next time
-            if id(w) in _FP_CACHE:
-                ref, _, digest = _FP_CACHE[id(w)]
-                if ref() is w:
-                    _FP_CACHE[id(w)] = (ref, w._version, digest)
+        with self._lock:
+            stack = _APPLIED.get(model)
+            if not stack or stack[-1][0] is not self:
+                if stack and any(p is self for p, _ in stack):
+                    raise PatchMismatchError("patches stacked on this model must be removed in reverse order")
+                raise PatchMismatchError("this patch is not applied to this model")
+            b = stack[-1][1]
+            if not all(_chain_intact(model, c, w) for c, w in zip(b.chains, b.weights)):
+                raise PatchMismatchError("a patched weight was replaced while the patch was applied; cannot "
+                                         "restore it")
+            untouched = b._versions() == b.versions_applied
+            b.swap()
+            stack.pop()
+            if not stack:
+                del _APPLIED[model]
+            if untouched:  # the base bits are back: the cached digests and the fast path stay valid
+                for w in b.weights:
+                    _keep_digest(w)
+                b.versions = b._versions()
+            else:  # the weights were edited while applied: next apply re-hashes them
+                for w in b.weights:
+                    _forget_digest(w)
+                self._bindings.pop(model, None)
         return model
 
     @contextlib.contextmanager
@@ -304,11 +494,46 @@ class SparsePatch:
         finally:
             self.remove(model)
 
+    def merge(self, model: nn.Module, strict: bool = True) -> nn.Module:
+        """Write the patch into ``model`` permanently. This gives up the exact switch-off: the base
+        bits under the patch are not kept anywhere, so only a copy of the base can restore them."""
+        self.apply(model, strict)
+        with self._lock:
+            stack = _APPLIED[model]
+            stack.pop()
+            if not stack:
+                del _APPLIED[model]
+            b = self._bindings.pop(model)
+        for w in b.weights:
+            _forget_digest(w)
+        return model
+
+
+def switch(model: nn.Module, patch: "SparsePatch | None", strict: bool = True) -> nn.Module:
+    """Replace the patch applied to ``model`` (if any) by ``patch`` (None: back to the base), in
+    O(k_old + k_new). If applying ``patch`` fails, the old patch is applied again before the error."""
+    old = applied_patch(model)
+    if old is patch:
+        return model
+    if old is not None:
+        old.remove(model)
+    if patch is not None:
+        try:
+            patch.apply(model, strict)
+        except BaseException:
+            if old is not None:
+                old.apply(model)
+            raise
+    return model
+
 
 def _validate_layer(layer: PatchLayer) -> None:
     idx = layer.indices
-    if idx.dtype != torch.int32 or idx.dim() != 1:
-        raise PatchFileError(f"layer '{layer.name}': indices must be 1-D int32, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise PatchFileError(f"layer '{layer.name}': indices must be 1-D int32/int64, got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+    if idx.dtype == torch.int32 and layer.numel > INT32_LIMIT + 1:
+        raise PatchFileError(f"layer '{layer.name}': a weight of {layer.numel} elements needs int64 indices")
     if layer.deltas.dim() != 1 or layer.deltas.numel() != idx.numel():
         raise PatchFileError(f"layer '{layer.name}': {layer.deltas.numel()} deltas for {idx.numel()} indices")
     if not layer.deltas.is_floating_point():
@@ -320,17 +545,18 @@ def _validate_layer(layer: PatchLayer) -> None:
             raise PatchFileError(f"layer '{layer.name}': indices are not strictly increasing (unsorted or duplicate)")
 
 
-def _tensor(tensors: dict, key: str, dtype: torch.dtype, path: str) -> Tensor:
+def _tensor(tensors: dict, key: str, dtypes: tuple[torch.dtype, ...], path: str) -> Tensor:
     t = tensors.get(key)
     if t is None:
         raise PatchFileError(f"{path}: tensor '{key}' is missing")
-    if t.dtype != dtype or t.dim() != 1:
-        raise PatchFileError(f"{path}: tensor '{key}' must be 1-D {dtype}, got {t.dtype} {tuple(t.shape)}")
+    if t.dtype not in dtypes or t.dim() != 1:
+        want = " or ".join(str(d) for d in dtypes)
+        raise PatchFileError(f"{path}: tensor '{key}' must be 1-D {want}, got {t.dtype} {tuple(t.shape)}")
     return t
 
 
 def load_patch(path: str | os.PathLike) -> SparsePatch:
-    """Read and validate a patch file written by :meth:`SparsePatch.save`.
+    """Read and validate a patch file written by :meth:`SparsePatch.save` (format version 1 or 2).
 
     Raises :class:`PatchFileError` naming the problem: not safetensors / truncated, wrong format or
     version, missing or extra tensors, wrong dtypes or shapes, out-of-range, unsorted or duplicate
@@ -352,39 +578,48 @@ def load_patch(path: str | os.PathLike) -> SparsePatch:
         meta = json.loads(raw_meta["sparse_sam"])
         if meta["format"] != FORMAT:
             raise PatchFileError(f"{path}: format {meta['format']!r} is not {FORMAT!r}")
-        if int(meta["version"]) > VERSION:
-            raise PatchFileError(f"{path}: format version {meta['version']} is newer than this library's {VERSION}")
+        version = int(meta["version"])
+        if version > VERSION:
+            raise PatchFileError(f"{path}: format version {version} is newer than this library's {VERSION}")
         encoding = meta["encoding"]
         if encoding not in ENCODINGS:
             raise PatchFileError(f"{path}: unknown encoding {encoding!r}")
         specs = meta["layers"]
         fp = str(meta["fingerprint"])
+        config = meta.get("config") or {}
+        if not isinstance(config, dict):
+            raise PatchFileError(f"{path}: config must be an object")
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, PatchFileError):
             raise
         raise PatchFileError(f"{path}: missing or malformed sparse_sam metadata ({type(e).__name__}: {e})") from None
+    legacy = version == 1 or meta.get("fingerprint_names") == "modules"
     layers, expected = [], set()
     for i, spec in enumerate(specs):
         try:
             name, shape, dtype, k = spec["name"], tuple(int(s) for s in spec["shape"]), _DTYPES[spec["dtype"]], int(spec["k"])
+            names = [str(n) for n in spec.get("names", [name])]
         except (KeyError, TypeError, ValueError):
             raise PatchFileError(f"{path}: malformed description of layer #{i}: {spec!r}") from None
+        if version == 1:  # version 1 named modules; the weight was implied
+            name, names = f"{name}.weight", [f"{name}.weight"]
+        numel = int(np.prod(shape, dtype=np.int64))
         delta_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         if encoding == "compact":
-            gaps = _tensor(tensors, f"{i}.gaps", torch.uint16, path)
-            deltas = _tensor(tensors, f"{i}.deltas", torch.float16, path).to(delta_dtype)
-            indices = _decode_gaps(gaps)
+            gaps = _tensor(tensors, f"{i}.gaps", (torch.uint16,), path)
+            deltas = _tensor(tensors, f"{i}.deltas", (torch.float16,), path).to(delta_dtype)
+            indices = _decode_gaps(gaps, numel)
             expected |= {f"{i}.gaps", f"{i}.deltas"}
         else:
-            indices = _tensor(tensors, f"{i}.indices", torch.int32, path)
-            deltas = _tensor(tensors, f"{i}.deltas", delta_dtype, path)
+            indices = _tensor(tensors, f"{i}.indices", (index_dtype(numel),), path)
+            deltas = _tensor(tensors, f"{i}.deltas", (delta_dtype,), path)
             expected |= {f"{i}.indices", f"{i}.deltas"}
         if indices.numel() != k or deltas.numel() != k:
             raise PatchFileError(f"{path}: layer '{name}' declares k={k} but holds {indices.numel()} indices "
                                  f"and {deltas.numel()} deltas")
-        layers.append(PatchLayer(name, shape, dtype, indices, deltas))
+        layers.append(PatchLayer(name, shape, dtype, indices, deltas, names))
     extra = set(tensors) - expected
     if extra:
         raise PatchFileError(f"{path}: unexpected tensors {sorted(extra)}")
     # The constructor validates indices (bounds, order, uniqueness) of every layer.
-    return SparsePatch(layers, fp, meta.get("sparsity"), meta.get("allocation"), encoding)
+    return SparsePatch(layers, fp, meta.get("sparsity"), meta.get("allocation"), encoding, config, legacy)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch specification of every op (DESIGN.md §3).
+"""Pure-PyTorch specification of every op (docs/design.md §3).
 
 Every backend (Triton, C++, CUDA) is tested against the functions here. They favour clarity over
 speed; the ``torch`` backend in :mod:`sparse_sam.backends` runs them directly.

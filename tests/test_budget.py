@@ -12,7 +12,7 @@ from conftest import PaperAutoEncoder
 def test_total_is_exact_and_capped(allocation, sparsity):
     model = PaperAutoEncoder()
     ks = sparse_sam.layer_budgets(model, sparsity, allocation)
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in ks}
+    sizes = {n: p.numel() for n, p in model.named_parameters() if n in ks}
     assert len(ks) == 12
     assert sum(ks.values()) == round(sparsity * sum(sizes.values()))
     assert all(0 <= ks[n] <= sizes[n] for n in ks)
@@ -29,7 +29,7 @@ def test_linear_follows_eq_11():
 
 def test_uniform_is_proportional_to_size():
     model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 10))
-    assert sparse_sam.layer_budgets(model, 0.1, "uniform") == {"0": 2000, "1": 200}
+    assert sparse_sam.layer_budgets(model, 0.1, "uniform") == {"0.weight": 2000, "1.weight": 200}
 
 
 def test_cap_redistributes_excess():

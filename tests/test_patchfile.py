@@ -61,7 +61,7 @@ def test_compact_gap_escapes_for_long_gaps():
     model = nn.Sequential(nn.Linear(1000, 300))  # 300k weights, k=3: gaps far above 65535
     handle = sparse_sam.patch(model, 1e-5, seed=1)
     with torch.no_grad():
-        handle.layers["0"].scores.view(-1)[[5, 140000, 299999]] = 100.0
+        handle.layers["0.weight"].scores.view(-1)[[5, 140000, 299999]] = 100.0
     handle.refresh_masks()
     patch = handle.export("compact")
     sparse_sam.unpatch(model)
@@ -69,7 +69,7 @@ def test_compact_gap_escapes_for_long_gaps():
     tensors = patch._tensors()
     assert (tensors["0.gaps"] == 0).sum() > 0  # escapes were needed
     from sparse_sam.patchfile import _decode_gaps
-    assert _decode_gaps(tensors["0.gaps"]).tolist() == [5, 140000, 299999]
+    assert _decode_gaps(tensors["0.gaps"], 300000).tolist() == [5, 140000, 299999]
 
 
 def rewrite(path, out, tensors=None, meta=None):

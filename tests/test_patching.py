@@ -39,7 +39,7 @@ def test_zero_forget_paper_autoencoder(norm, delta_grad):
     flags = [p.requires_grad for p in model.parameters()]
     handle = sparse_sam.patch(model, 0.01, seed=0, delta_grad=delta_grad, norm=norm)
     assert sum(isinstance(m, (SAMConv2d, SAMConvTranspose2d)) for m in model.modules()) == 12
-    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(("scores", "delta")))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(("_sam_scores", "_sam_delta")))
     deltas_before = [m.delta.detach().clone() for m in handle.layers.values()]
     train_steps(model, handle, x)
     assert any(not torch.equal(m.delta, d) for m, d in zip(handle.layers.values(), deltas_before)), "nothing trained"
@@ -174,19 +174,32 @@ def test_models_drop_in(name):
         assert torch.equal(raw_bits(model(x)), raw_bits(y1))
 
 
-def test_tied_weight_raises_and_leaves_model_untouched():
+def test_tied_weight_is_one_target_written_once():
+    torch.manual_seed(6)
     emb = nn.Embedding(10, 8)
     head = nn.Linear(8, 10, bias=False)
     head.weight = emb.weight
     model = nn.Sequential(emb, nn.Linear(8, 8), head)
+    x = torch.randint(0, 10, (3, 5))
     before = state_bits(model)
-    with pytest.raises(ValueError, match="shared"):
-        sparse_sam.patch(model, 0.1)
-    assert_same_bits(before, state_bits(model))
-    assert all(p.requires_grad for p in model.parameters())
-    handle = sparse_sam.patch(model, 0.1, filter_fn=lambda n, m: n != "2")
-    assert list(handle.layers) == ["1"]
+    handle = sparse_sam.patch(model, 0.2, seed=6)
+    assert list(handle.layers) == ["0.weight", "1.weight"]
+    pw = handle.layers["0.weight"]
+    assert pw.names == ["0.weight", "2.weight"] and len(pw.users) == 2
+    with torch.no_grad():
+        pw.delta.normal_()
+        y = model(x)
+        # both users read the same W + m ⊙ v
+        assert torch.equal(raw_bits(model[0].weight), raw_bits(model[2].weight))
+    patch = handle.export()
     sparse_sam.unpatch(model)
+    assert_same_bits(before, state_bits(model))
+    assert [l.name for l in patch.layers] == ["0.weight", "1.weight"]
+    assert patch.layers[0].names == ["0.weight", "2.weight"]
+    with patch.applied(model), torch.no_grad():
+        assert torch.equal(raw_bits(model(x)), raw_bits(y))
+        assert model[0].weight is model[2].weight
+    assert_same_bits(before, state_bits(model))
 
 
 def test_errors_leave_model_untouched():
@@ -200,8 +213,10 @@ def test_errors_leave_model_untouched():
         sparse_sam.patch(model, 1e-9)
     with pytest.raises(ValueError, match="delta_grad"):
         sparse_sam.patch(model, 0.1, delta_grad="sparse")
-    with pytest.raises(ValueError, match="itself a Linear"):
-        sparse_sam.patch(nn.Linear(3, 3), 0.1)
+    with pytest.raises(ValueError, match="unknown backend 'tritn'"):
+        sparse_sam.patch(model, 0.1, backend="tritn")
+    with pytest.raises(TypeError, match="unknown option"):
+        sparse_sam.patch(model, 0.1, sparsty=0.1)
     assert_same_bits(before, state_bits(model))
     assert not any(isinstance(m, sparse_sam.SAMLayer) for m in model.modules())
     sparse_sam.patch(model, 0.1)
@@ -210,6 +225,23 @@ def test_errors_leave_model_untouched():
     sparse_sam.unpatch(model)
     with pytest.raises(ValueError, match="not patched"):
         sparse_sam.unpatch(model)
+
+
+def test_a_bare_layer_is_patchable_in_place():
+    torch.manual_seed(8)
+    layer = nn.Linear(6, 5)
+    x = torch.randn(4, 6)
+    before = state_bits(layer)
+    handle = sparse_sam.patch(layer, 0.2, seed=8)
+    with torch.no_grad():
+        handle.layers["weight"].delta.normal_()
+        y = layer(x)
+    patch = handle.export()
+    sparse_sam.unpatch(layer)
+    assert type(layer) is nn.Linear
+    assert_same_bits(before, state_bits(layer))
+    with patch.applied(layer), torch.no_grad():
+        assert torch.equal(raw_bits(layer(x)), raw_bits(y))
 
 
 def test_fixed_mask_never_changes_and_learned_mask_can():
