@@ -217,7 +217,7 @@ def resolve(op: str, tensor: torch.Tensor, backend: str | None = None) -> tuple[
             if error is not None:
                 skipped.append(f"{name}: failed its self-test: {error}")
                 continue
-            if skipped and (op, device_type) not in _logged:
+            if skipped and (op, device_type) not in _logged and not torch.compiler.is_compiling():
                 _logged.add((op, device_type))
                 log.info("sparse_sam: %s on %s uses %s (%s)", op, device_type, name, "; ".join(skipped))
             return name, _load(name).impl

@@ -39,8 +39,9 @@ def _flip_one(masks):
 
 
 def _no_warnings(fn):
+    """``fn()``, failing on any self-test warning it emits."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", backends.SelfTestWarning)
         return fn()
 
 
@@ -208,3 +209,20 @@ def test_pytorch_own_conv_meets_the_conv_tolerance(dtype, transposed):
     """The bound is not tighter than PyTorch itself: its CPU conv of W_eff passes on several fresh cases."""
     for _ in range(3):
         selftest.check("sam_conv_transpose2d" if transposed else "sam_conv2d", backends.get("torch"), "cpu", dtype)
+
+
+def test_verdicts_hold_inside_torch_compile(verify_on, cpu_impl, monkeypatch):
+    """A compiled graph (fullgraph) picks the backend the eager verdicts allow, without running a check."""
+    def boom(*args):
+        raise RuntimeError("broken kernel")
+
+    g = torch.Generator().manual_seed(4)
+    w, v, m = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g) < 0.5
+    monkeypatch.setattr(cpu_impl, "sam_weight_forward", boom)
+    with pytest.warns(backends.SelfTestWarning):
+        ops.sam_weight(w, m, v)  # the eager warm-up records the failure
+    torch._dynamo.reset()
+    f = torch.compile(lambda w, m, v: ops.sam_weight(w, m, v) * 2, fullgraph=True)
+    out = _no_warnings(lambda: f(w, m, v))
+    assert torch.equal(raw_bits(out), raw_bits(reference.sam_weight_forward_ref(w, m, v) * 2))
+    torch._dynamo.reset()
