@@ -226,3 +226,15 @@ def test_verdicts_hold_inside_torch_compile(verify_on, cpu_impl, monkeypatch):
     out = _no_warnings(lambda: f(w, m, v))
     assert torch.equal(raw_bits(out), raw_bits(reference.sam_weight_forward_ref(w, m, v) * 2))
     torch._dynamo.reset()
+
+
+def test_run_all_covers_triton_under_the_interpreter(monkeypatch):
+    ok, why = backends.available("triton", "cpu", "topk_mask")
+    if not ok:
+        pytest.skip(f"triton cannot run CPU tensors here: {why}")
+    monkeypatch.setattr(backends, "BACKENDS", ("triton",))
+    monkeypatch.setattr(selftest, "_ROWS", selftest._ROWS[:3])  # the fused conv: test_kernels_triton
+    results = selftest.run_all(dtypes=(torch.bfloat16,))
+    assert [(r.backend, r.op, r.device) for r in results] == [
+        ("triton", "topk_mask", "cpu"), ("triton", "sam_weight fwd/bwd", "cpu"), ("triton", "swap_", "cpu")]
+    assert all(r.ok for r in results), [r.detail for r in results]
