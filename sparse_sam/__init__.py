@@ -14,11 +14,12 @@ from .budget import layer_budgets
 from .modules import SAMConv2d, SAMConvTranspose2d, SAMLayer, SAMLinear
 from .patchfile import PatchFileError, PatchMismatchError, SparsePatch, load_patch
 from .patching import SAMHandle, patch, patched, unpatch
+from .server import PatchServer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "patched", "SAMHandle", "SparsePatch", "load_patch", "layer_budgets",
-    "PatchFileError", "PatchMismatchError", "SAMLayer", "SAMConv2d", "SAMConvTranspose2d", "SAMLinear",
+    "PatchFileError", "PatchMismatchError", "PatchServer", "SAMLayer", "SAMConv2d", "SAMConvTranspose2d", "SAMLinear",
     "backends", "ops", "reference", "__version__",
 ]
