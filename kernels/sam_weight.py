@@ -1,4 +1,4 @@
-"""Fused ``W + m ⊙ v`` forward and its one-pass backward (DESIGN.md §3, sam_weight).
+"""Fused ``W + m ⊙ v`` forward and its one-pass backward (docs/design.md §3, sam_weight).
 
 Both kernels are pure streams: the forward reads W, m, v and writes W_eff; the backward reads g, m,
 v and writes grad_delta and grad_scores, so each runs near the memory-bandwidth floor.

@@ -1,6 +1,6 @@
 """Backend registry: which implementation runs an op for a given tensor, and why.
 
-Resolution order (DESIGN.md §5):
+Resolution order (docs/design.md §5):
 
 * CUDA tensors: ``triton`` → ``cuda`` → ``torch``.
 * CPU tensors: ``cpp`` → ``torch``. ``triton`` runs CPU tensors only when forced and only under
