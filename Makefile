@@ -21,7 +21,8 @@ demo: install
 	$(PYTHON) -m sparse_sam.experiments.reproduce --preset quick --data embedded --out results/quick
 
 test: install-test
-	$(PYTHON) -m sparse_sam.info
+	# Every available backend's ops against the reference on every present device; non-zero on a FAIL.
+	$(PYTHON) -m sparse_sam.info --selftest
 	@if [ -x scripts/check_cuda_sources.sh ]; then PYTHON=$(PYTHON) scripts/check_cuda_sources.sh; fi
 	$(PYTEST) tests -q
 	# Benchmarks run once each at small sizes so they cannot rot; timings are `make bench`'s job.

@@ -23,6 +23,11 @@ TORCH_LIBRARY(sparse_sam, m) {
   // The cache of large CPU output blocks (csrc/cpu/alloc.cpp): {cached bytes, limit bytes, hits, misses}.
   m.def("cpu_cache_stats() -> int[]", &sparse_sam::cpu_cache_stats);
   m.def("cpu_cache_clear() -> ()", &sparse_sam::cpu_cache_clear);
+#ifdef SPARSE_SAM_WITH_CUDA
+  // The CUDA kernels report bad input (NaN scores, invalid swap indices) in a per-device error word
+  // instead of synchronising: {code, lowest layer or -1, swap flags}; reading never blocks.
+  m.def("cuda_take_error(int device) -> int[]", &sparse_sam::cuda_take_error);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(sparse_sam, CPU, m) {

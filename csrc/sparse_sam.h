@@ -190,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor> sam_weight_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& delta, at::ScalarType scores_dtype,
                                                             bool dense);
 void swap_cuda(at::TensorList weights, at::TensorList indices, at::TensorList values);
+// Reads and clears the device's error word: {code, lowest layer or -1, swap flags} (csrc/cuda/status.cu).
+std::vector<int64_t> cuda_take_error(int64_t device_index);
 #endif
 
 }  // namespace sparse_sam

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import device_guard
+
 __all__ = ["swap_"]
 
 BLOCK = 1024
@@ -55,8 +57,9 @@ def _launch(weights: list[Tensor], indices: list[Tensor], values: list[Tensor], 
     meta, blk = meta.to(device), blk.to(device)
     # Indices may mix int32/int64 across layers; one int64 copy (k entries) keeps a single launch.
     idx = torch.cat([i.reshape(-1).to(torch.int64) for i in indices])
-    _swap_kernel[(len(blk_layer),)](meta[0], meta[1], meta[2], idx, meta[3], meta[4], blk[0], blk[1],
-                                    BITS=bits, BLOCK=BLOCK, num_warps=4)
+    with device_guard(idx):
+        _swap_kernel[(len(blk_layer),)](meta[0], meta[1], meta[2], idx, meta[3], meta[4], blk[0], blk[1],
+                                        BITS=bits, BLOCK=BLOCK, num_warps=4)
 
 
 def swap_(weights: Sequence[Tensor], indices: Sequence[Tensor], values: Sequence[Tensor]) -> None:

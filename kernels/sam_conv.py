@@ -8,6 +8,11 @@ dilation become masked loads). For the transposed conv the same gather runs back
 ``1 - 1/stride²`` of the reduction (the simple form, no sub-pixel decomposition). Accumulation is in
 float32; the result is rounded once to the input dtype.
 
+The ops call these forwards only when the fused conv is asked for (``fused=True`` on the op, or
+``SPARSE_SAM_FUSED_CONV=1``; see :mod:`sparse_sam.ops`): by default they materialise ``W_eff`` and call
+PyTorch, which keeps the patched forward bit-identical to the model with the patch applied. The fused
+result agrees with it within :func:`sparse_sam.selftest.conv_tolerance`.
+
 Dispatch (``fused=None``): the fused kernel only pays when the layer is small enough that launching
 and streaming the separate ``W_eff`` materialisation is a visible share of the conv, because cuDNN's
 convolutions are faster than this kernel on large problems. The heuristic (a priori; the GPU
@@ -16,6 +21,8 @@ benchmark in ``benchmarks/test_triton_gpu.py`` is what should tune it):
 * declined (``None``, the op materialises ``W_eff`` and calls PyTorch) for ``groups != 1``, for
   input/weight dtypes that differ (PyTorch raises the proper error), on CPU tensors (the
   interpreter is only for testing) and when the conv does more than ``FUSED_MAX_FLOP`` flops;
+* always declined, even when forced, when an in-kernel int32 offset could wrap: one image of the
+  input or of the output, the weight, or ``N·H_out·W_out`` above ``common.INT32_LIMIT`` elements;
 * ``SPARSE_SAM_TRITON_CONV=always|never`` overrides it (benchmarks), as does ``fused=True/False``.
 
 ``sam_linear`` is deliberately not fused: a linear layer is one GEMM whose weight is its whole
@@ -31,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import common
+from .common import device_guard
 from .sam_weight import compute_dtype, round_to, weff
 
 __all__ = ["sam_conv2d_forward", "sam_conv_transpose2d_forward", "FUSED_MAX_FLOP"]
@@ -103,9 +112,12 @@ def _pair(v, name: str) -> tuple[int, int]:
     return int(t[0]), int(t[1])
 
 
-def _use_fused(x: Tensor, weight: Tensor, groups: int, flop: int, fused: bool | None) -> bool:
+def _use_fused(x: Tensor, weight: Tensor, groups: int, flop: int, fused: bool | None, out_shape) -> bool:
     if groups != 1 or x.dtype != weight.dtype or x.dim() != 4:
         return False
+    n, co, oh, ow = out_shape
+    if max(x[0].numel(), weight.numel(), n * oh * ow, co * oh * ow) > common.INT32_LIMIT:
+        return False  # the kernel's row and per-image offsets are int32
     if fused is not None:
         return fused
     mode = os.environ.get("SPARSE_SAM_TRITON_CONV", "auto")
@@ -132,12 +144,13 @@ def _launch(x, weight, mask, delta, bias, out, C, CO, kh, kw, stride, padding, d
         # so bfloat16 tiles are widened (exactly) to float32 there
         bm, bn, bk, warps, stages = 16, 16, 16, 1, 1
     grid = (triton.cdiv(m_rows, bm), triton.cdiv(CO, bn))
-    _sam_conv_kernel[grid](
-        x, weight, mask.view(torch.uint8), delta, bias if bias is not None else x, out,
-        n, C, h, w, CO, oh, ow, kh, kw, *stride, *padding, *dilation,
-        TRANSPOSED=transposed, HAS_BIAS=bias is not None, CD=compute_dtype(weight.dtype, delta.dtype),
-        PREC=_precision(x.dtype), DOT_F32=not x.is_cuda and x.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    with device_guard(x):
+        _sam_conv_kernel[grid](
+            x, weight, mask.view(torch.uint8), delta, bias if bias is not None else x, out,
+            n, C, h, w, CO, oh, ow, kh, kw, *stride, *padding, *dilation,
+            TRANSPOSED=transposed, HAS_BIAS=bias is not None, CD=compute_dtype(weight.dtype, delta.dtype),
+            PREC=_precision(x.dtype), DOT_F32=not x.is_cuda and x.dtype == torch.bfloat16,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -169,7 +182,8 @@ def sam_conv2d_forward(input: Tensor, weight: Tensor, mask: Tensor, delta: Tenso
     n, _, h, w = input.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * oh * ow * co * c * kh * kw, fused):
+    if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * oh * ow * co * c * kh * kw, fused,
+                                            (n, co, oh, ow)):
         return None
     return _run_fused(input, weight, mask, delta, bias, (n, co, oh, ow), stride, padding, dilation, transposed=False)
 
@@ -194,6 +208,7 @@ def sam_conv_transpose2d_forward(input: Tensor, weight: Tensor, mask: Tensor, de
     n, _, h, w = input.shape
     oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
     ow = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
-    if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * h * w * co * c * kh * kw, fused):
+    if oh <= 0 or ow <= 0 or not _use_fused(input, weight, groups, 2 * n * h * w * co * c * kh * kw, fused,
+                                            (n, co, oh, ow)):
         return None
     return _run_fused(input, weight, mask, delta, bias, (n, co, oh, ow), stride, padding, dilation, transposed=True)

@@ -1,4 +1,4 @@
-"""Fused ``W + m ⊙ v`` forward and its one-pass backward (DESIGN.md §3, sam_weight).
+"""Fused ``W + m ⊙ v`` forward and its one-pass backward (docs/design.md §3, sam_weight).
 
 Both kernels are pure streams: the forward reads W, m, v and writes W_eff; the backward reads g, m,
 v and writes grad_delta and grad_scores, so each runs near the memory-bandwidth floor.
@@ -18,6 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from sparse_sam import reference
+
+from .common import device_guard
 
 __all__ = ["sam_weight_forward", "sam_weight_backward", "sam_weight_forward_grouped", "compute_dtype", "round_to",
            "weff", "TL_DTYPES"]
@@ -107,8 +109,9 @@ def sam_weight_forward(weight: Tensor, mask: Tensor, delta: Tensor) -> Tensor:
     out = torch.empty_like(w)
     n = w.numel()
     if n:
-        _sam_weight_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            w, m, v, out, n, CD=compute_dtype(w.dtype, v.dtype), BLOCK=BLOCK, num_warps=8)
+        with device_guard(w):
+            _sam_weight_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+                w, m, v, out, n, CD=compute_dtype(w.dtype, v.dtype), BLOCK=BLOCK, num_warps=8)
     return out
 
 
@@ -131,9 +134,10 @@ def sam_weight_backward(grad: Tensor, mask: Tensor, delta: Tensor, scores_dtype:
     gs = torch.empty(v.shape, dtype=scores_dtype, device=v.device)
     n = v.numel()
     if n:
-        _sam_weight_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            g, m, v, gd, gs, n, MASKED=delta_grad == "masked",
-            CD=compute_dtype(g.dtype, v.dtype, scores_dtype), BLOCK=BLOCK, num_warps=8)
+        with device_guard(v):
+            _sam_weight_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+                g, m, v, gd, gs, n, MASKED=delta_grad == "masked",
+                CD=compute_dtype(g.dtype, v.dtype, scores_dtype), BLOCK=BLOCK, num_warps=8)
     return gd, gs
 
 
@@ -147,6 +151,8 @@ def sam_weight_forward_grouped(weights: Sequence[Tensor], masks: Sequence[Tensor
 
     Equivalent PyTorch: ``[sam_weight_forward_ref(w, m, v) for w, m, v in zip(weights, masks, deltas)]``.
     """
+    reference.check_one_device("sam_weight_forward_grouped", [t for l in zip(weights, masks, deltas) for t in l],
+                               per_layer=3)
     ws = [w.detach().contiguous() for w in weights]
     ms = [m.contiguous().view(torch.uint8) for m in masks]
     vs = [v.detach().contiguous() for v in deltas]
@@ -166,9 +172,10 @@ def sam_weight_forward_grouped(weights: Sequence[Tensor], masks: Sequence[Tensor
                              [vs[l].data_ptr() for l in layers], lens, offs], dtype=torch.int64)
         meta, blk = meta.to(flat.device), blk.to(flat.device)
         if blk.shape[1]:
-            _sam_weight_fwd_grouped_kernel[(blk.shape[1],)](
-                meta[0], meta[1], meta[2], meta[3], meta[4], blk[0], blk[1], flat,
-                WD=TL_DTYPES[wd], VD=TL_DTYPES[vd], CD=compute_dtype(wd, vd), BLOCK=BLOCK, num_warps=8)
+            with device_guard(flat):
+                _sam_weight_fwd_grouped_kernel[(blk.shape[1],)](
+                    meta[0], meta[1], meta[2], meta[3], meta[4], blk[0], blk[1], flat,
+                    WD=TL_DTYPES[wd], VD=TL_DTYPES[vd], CD=compute_dtype(wd, vd), BLOCK=BLOCK, num_warps=8)
         for l, o, n in zip(layers, offs, lens):
             out[l] = flat[o:o + n].view(ws[l].shape)
     return out

@@ -30,6 +30,11 @@ read (no host synchronisation at all, the mask of a NaN layer is then unspecifie
 
 Scores of dtype float16/bfloat16/float32 are supported (widened to float32 in registers, which is
 exact and order-preserving); float64 scores fall back to the reference (they would need 64-bit keys).
+
+Index width: histogram counts, ``k``, candidate counts and the candidates' (layer-local) indices are
+int32, addresses and offsets across layers int64. A call with a layer of more than
+``common.INT32_LIMIT`` (2^31 - 1) scores therefore runs on the reference's threshold selection
+(``torch.topk`` + int64 cumsum) instead, before anything is launched or written.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ from torch import Tensor
 
 from sparse_sam import reference
 
+from . import common
+from .common import device_guard
 from .sam_weight import TL_DTYPES
 
 __all__ = ["topk_mask"]
@@ -249,7 +256,8 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
         ks: L budgets, ``0 <= ks[l] <= scores[l].numel()``.
         names: layer names for the NaN error.
         check_nan: read the per-layer NaN flags back (one host synchronisation) and raise
-            ``ValueError`` naming the first NaN layer. ``False`` never synchronises.
+            ``ValueError`` naming the first NaN layer. ``False`` never synchronises; nor does a call
+            while the stream is being captured in a CUDA graph.
 
     Returns:
         L bool tensors of shapes ``S_l`` (views of one flat buffer) with exactly ``ks[l]`` ones:
@@ -260,7 +268,7 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
     scores, ks = list(scores), [int(k) for k in ks]
     if not scores:
         return []
-    if any(s.dtype not in _KERNEL_DTYPES for s in scores):
+    if any(s.dtype not in _KERNEL_DTYPES or s.numel() > common.INT32_LIMIT for s in scores):
         return reference.topk_mask_threshold(scores, ks, names)
     device = scores[0].device
     sizes = tuple(s.numel() for s in scores)
@@ -276,13 +284,14 @@ def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] 
                                  rest[3 * n_seg:4 * n_seg], rest[4 * n_seg:])
         cand = torch.empty(total, dtype=torch.int32, device=device)
         grid = (plan["blk_seg"].numel(),)
-        _topk_hist_kernel[grid](addr, plan["blk_seg"], plan["blk_start"], plan["seg_len"], plan["seg_k"],
-                                plan["seg_nblk"], hist, t1, nan, sel, SDT=sdt, BLOCK=BLOCK, NBINS=NBINS,
-                                SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
-        _topk_select_kernel[grid](addr, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
-                                  plan["seg_off"], plan["seg_len"], plan["seg_nblk"], sel, cand, cnt, t2,
-                                  SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
-        if check_nan:
+        with device_guard(out):
+            _topk_hist_kernel[grid](addr, plan["blk_seg"], plan["blk_start"], plan["seg_len"], plan["seg_k"],
+                                    plan["seg_nblk"], hist, t1, nan, sel, SDT=sdt, BLOCK=BLOCK, NBINS=NBINS,
+                                    SCAN_CHUNK=SCAN_CHUNK, num_warps=8)
+            _topk_select_kernel[grid](addr, out.view(torch.int8), plan["blk_seg"], plan["blk_start"],
+                                      plan["seg_off"], plan["seg_len"], plan["seg_nblk"], sel, cand, cnt, t2,
+                                      SDT=sdt, BLOCK=BLOCK, NBINS=NBINS, REFINE_BLOCK=REFINE_BLOCK, num_warps=8)
+        if check_nan and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
             flags = nan.tolist()
             if any(flags):
                 i = flags.index(1)

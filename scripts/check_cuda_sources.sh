@@ -52,15 +52,26 @@ status=0
 shopt -s nullglob
 sources=(csrc/cuda/*.cu)
 [ ${#sources[@]} -gt 0 ] || { echo "check_cuda_sources: no .cu files under csrc/cuda" >&2; exit 1; }
+# One nvcc per core: the files are independent, and on a 2-core CI machine this halves the wait.
+JOBS=${SPARSE_SAM_NVCC_JOBS:-$(nproc 2>/dev/null || echo 1)}
+compile() {  # compile ARCH SRC: a failure is reported by its exit status
+  echo "nvcc -c $2 (-arch=$1)"
+  if ! "$NVCC" -c "$2" -o "$work/$(basename "$2").$1.o" -arch="$1" "${COMMON[@]}" \
+      -Xcompiler -fPIC --expt-relaxed-constexpr; then
+    echo "check_cuda_sources: FAILED to compile $2 for $1" >&2
+    return 1
+  fi
+}
+pids=()
 for arch in $ARCHS; do
   for src in "${sources[@]}"; do
-    echo "nvcc -c $src (-arch=$arch)"
-    if ! "$NVCC" -c "$src" -o "$work/$(basename "$src").$arch.o" -arch="$arch" "${COMMON[@]}" \
-        -Xcompiler -fPIC --expt-relaxed-constexpr; then
-      echo "check_cuda_sources: FAILED to compile $src for $arch" >&2
-      status=1
-    fi
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 0.2; done
+    compile "$arch" "$src" &
+    pids+=($!)
   done
+done
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=1
 done
 echo "c++ -c csrc/bindings.cpp (-DSPARSE_SAM_WITH_CUDA)"
 if ! "${CXX:-c++}" -c csrc/bindings.cpp -o "$work/bindings.o" -fPIC "${COMMON[@]}" -Wall -Wno-c++20-extensions; then

@@ -14,11 +14,12 @@ from .budget import layer_budgets
 from .modules import PatchedWeight, SAMConv2d, SAMConvTranspose2d, SAMLayer, SAMLinear
 from .patchfile import PatchFileError, PatchMismatchError, SparsePatch, applied_patch, load_patch, switch
 from .patching import SAMConfig, SAMHandle, patch, patched, resume, unpatch
+from .server import PatchServer
 
 __version__ = "0.2.0"
 
 __all__ = [
     "patch", "unpatch", "patched", "resume", "SAMConfig", "SAMHandle", "SparsePatch", "load_patch", "switch",
-    "applied_patch", "layer_budgets", "PatchFileError", "PatchMismatchError", "PatchedWeight", "SAMLayer",
+    "applied_patch", "PatchServer", "layer_budgets", "PatchFileError", "PatchMismatchError", "PatchedWeight", "SAMLayer",
     "SAMConv2d", "SAMConvTranspose2d", "SAMLinear", "backends", "ops", "reference", "__version__",
 ]

@@ -13,6 +13,10 @@ Loading order:
    ``$SPARSE_SAM_EXT_DIR`` (default ``~/.cache/sparse_sam/``); it is rebuilt only when a source file or
    the compiler flags change. The first build takes a minute or two.
 
+The CUDA ``topk_mask`` and ``swap_`` do not synchronise: they report NaN scores and invalid swap
+indices in a per-device error word that :func:`_check_cuda_errors` turns into the protocol's
+``ValueError`` (design note 20, docs/design-notes.md).
+
 A load or build failure is logged once; :func:`backend` then raises
 :class:`~sparse_sam.backends.BackendUnavailable` with the reason, which ``python -m sparse_sam.info``
 shows.
@@ -116,6 +120,33 @@ def origin() -> str:
 
 
 _NAN_LAYER = re.compile(r"layer #(\d+)")
+_ERR_NAN, _ERR_SWAP = 1, 2  # bits of the CUDA error word (csrc/cuda/common.cuh)
+
+
+def _check_cuda_errors(device: torch.device, names: Sequence[str] | None, wait: bool) -> None:
+    """Raise ``ValueError`` for what the CUDA kernels reported in ``device``'s error word, and clear it.
+
+    The CUDA ``topk_mask`` and ``swap_`` never synchronise: NaN scores and invalid swap indices are set
+    in a per-device word in host-mapped memory. ``wait=True`` first waits for the current stream (one
+    synchronisation, as the Triton top-k's NaN check); ``wait=False`` reads what has landed so far, so a
+    report may surface at a later call. Nothing is read while the stream is being captured.
+    """
+    if torch.cuda.is_current_stream_capturing():
+        return
+    if wait:
+        torch.cuda.current_stream(device).synchronize()
+    code, layer, flags = torch.ops.sparse_sam.cuda_take_error(device.index if device.index is not None else 0)
+    if not code:
+        return
+    name = (f"'{names[layer]}'" if names is not None and 0 <= layer < len(names) else f"#{layer}")
+    problems = []
+    if code & _ERR_NAN:
+        problems.append(f"topk_mask: scores of layer {name} contain NaN")
+    if code & _ERR_SWAP:
+        what = " and ".join(w for bit, w in ((1, "fall outside the weight"), (2, "are not strictly increasing "
+                                              "(unsorted or duplicate)")) if flags & bit)
+        problems.append(f"swap_: indices of layer {name} {what}; nothing was written")
+    raise ValueError(f"{'; '.join(problems)} (reported by the CUDA kernels on {device})")
 
 
 class _ExtBackend:
@@ -128,9 +159,13 @@ class _ExtBackend:
         return f"<backend {self.__name__}>"
 
     @staticmethod
-    def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] | None = None) -> list[Tensor]:
+    def topk_mask(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] | None = None,
+                  check_nan: bool = True) -> list[Tensor]:
         try:
-            return list(torch.ops.sparse_sam.topk_mask([s.detach() for s in scores], [int(k) for k in ks]))
+            masks = list(torch.ops.sparse_sam.topk_mask([s.detach() for s in scores], [int(k) for k in ks]))
+            if check_nan and scores and scores[0].is_cuda:  # the CUDA kernels report NaN on the device
+                _check_cuda_errors(scores[0].device, names, wait=True)
+            return masks
         except ValueError as e:
             match = _NAN_LAYER.search(str(e))
             if names is None or match is None:
@@ -154,6 +189,8 @@ class _ExtBackend:
     def swap_(weights: Sequence[Tensor], indices: Sequence[Tensor], values: Sequence[Tensor]) -> None:
         with torch.no_grad():  # weights may be leaves that require grad
             torch.ops.sparse_sam.swap_([w.detach() for w in weights], list(indices), [v.detach() for v in values])
+        if weights and weights[0].is_cuda:  # without waiting: see _check_cuda_errors
+            _check_cuda_errors(weights[0].device, None, wait=False)
 
 
 def backend(name: str) -> _ExtBackend:

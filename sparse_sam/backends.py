@@ -1,6 +1,6 @@
 """Backend registry: which implementation runs an op for a given tensor, and why.
 
-Resolution order (DESIGN.md §5):
+Resolution order (docs/design.md §5):
 
 * CUDA tensors: ``triton`` → ``cuda`` → ``torch``.
 * CPU tensors: ``cpp`` → ``torch``. ``triton`` runs CPU tensors only when forced and only under
@@ -9,6 +9,13 @@ Resolution order (DESIGN.md §5):
 ``backend=`` or the ``SPARSE_SAM_BACKEND`` environment variable forces a backend; a forced backend that
 cannot run raises :class:`BackendUnavailable` with the reason. An automatic choice falls back silently
 and logs the reason once.
+
+Self-verification on first use: the first time a backend listed in :data:`SELFTEST_ON` (``triton`` and
+``cuda`` on CUDA devices) serves an op for a given device and dtype, a tiny fresh random case is checked
+against the reference (:mod:`sparse_sam.selftest`). If it fails or raises, that op falls back to the
+next backend for that device and dtype, with one :class:`SelfTestWarning` naming the op, the backend,
+the device and the error; a forced backend that fails raises :class:`BackendUnavailable` instead.
+``SPARSE_SAM_SELFTEST=0`` turns verification off.
 
 The backend protocol
 --------------------
@@ -20,12 +27,14 @@ functions are present. Arguments are already validated by :mod:`sparse_sam.ops`.
 * ``sam_weight_forward(weight, mask, delta) -> Tensor`` and
   ``sam_weight_backward(grad, mask, delta, scores_dtype, delta_grad) -> (grad_delta, grad_scores)``
 * ``swap_(weights: list[Tensor], indices: list[Tensor], values: list[Tensor]) -> None``
-* optional fused forwards, used by the conv/linear ops when present (else they materialise
-  ``W_eff`` with ``sam_weight_forward`` and call PyTorch):
-  ``sam_conv2d_forward(input, weight, mask, delta, bias, stride, padding, dilation, groups)``,
+* optional fused forwards, used by the conv/linear ops only when asked for (``fused=True`` or
+  ``SPARSE_SAM_FUSED_CONV=1``, see :mod:`sparse_sam.ops`; else they materialise ``W_eff`` with
+  ``sam_weight_forward`` and call PyTorch):
+  ``sam_conv2d_forward(input, weight, mask, delta, bias, stride, padding, dilation, groups, *, fused)``,
   ``sam_conv_transpose2d_forward(input, weight, mask, delta, bias, stride, padding, output_padding,
-  groups, dilation)``, ``sam_linear_forward(input, weight, mask, delta, bias)``. A fused forward may
-  return ``None`` to decline a shape (dispatch heuristics); the op then materialises.
+  groups, dilation, *, fused)``, ``sam_linear_forward(input, weight, mask, delta, bias)``; ``fused`` is
+  ``True`` (run whenever the kernel supports the shape) or ``None`` (the backend's own heuristic). A
+  fused forward may return ``None`` to decline a shape; the op then materialises.
 """
 from __future__ import annotations
 
@@ -33,13 +42,15 @@ import importlib
 import logging
 import os
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import reference
 
-__all__ = ["OPS", "BACKENDS", "BackendUnavailable", "resolve", "get", "explain", "available"]
+__all__ = ["OPS", "BACKENDS", "SELFTEST_ON", "BackendUnavailable", "SelfTestWarning", "resolve", "verified",
+           "get", "explain", "available"]
 
 log = logging.getLogger("sparse_sam")
 
@@ -47,17 +58,27 @@ log = logging.getLogger("sparse_sam")
 OPS = {
     "topk_mask": ("topk_mask",),
     "sam_weight": ("sam_weight_forward", "sam_weight_backward"),
+    "sam_conv1d": ("sam_weight_forward", "sam_weight_backward"),
     "sam_conv2d": ("sam_weight_forward", "sam_weight_backward"),
+    "sam_conv3d": ("sam_weight_forward", "sam_weight_backward"),
+    "sam_conv_transpose1d": ("sam_weight_forward", "sam_weight_backward"),
     "sam_conv_transpose2d": ("sam_weight_forward", "sam_weight_backward"),
+    "sam_conv_transpose3d": ("sam_weight_forward", "sam_weight_backward"),
     "sam_linear": ("sam_weight_forward", "sam_weight_backward"),
     "swap_": ("swap_",),
 }
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# (backend, device type) pairs whose ops are verified on first use. Tests add CPU pairs to exercise it.
+SELFTEST_ON = {("triton", "cuda"), ("cuda", "cuda")}
 
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run here; the message says why and what to do."""
+
+
+class SelfTestWarning(RuntimeWarning):
+    """A backend failed its first-use self-test for an op; the op runs on the next backend."""
 
 
 @dataclass
@@ -144,11 +165,36 @@ def _forced(backend: str | None) -> str | None:
     return forced
 
 
+def _selftest_failure(name: str, op: str, impl, tensor: torch.Tensor) -> str | None:
+    """The self-test error of backend ``name`` for ``op`` on ``tensor``'s device and dtype (None: passed,
+    or not verified). Warns once per failing (backend, op, device, dtype)."""
+    if (name, tensor.device.type) not in SELFTEST_ON:
+        return None
+    from . import selftest  # imported here: it uses this module's registry
+
+    if not selftest.enabled():
+        return None
+    dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+    known = selftest.known(name, op, tensor.device, dtype)
+    error = selftest.verify(name, op, impl, tensor.device, dtype)
+    if error is not None and not known:
+        warnings.warn(f"sparse_sam: the {name} backend failed its self-test for {op} on {tensor.device} "
+                      f"({dtype}): {error}. {op} on {tensor.device} ({dtype}) falls back to the next backend; "
+                      "please report this.", SelfTestWarning, stacklevel=4)
+    return error
+
+
+def verified(name: str, op: str, impl, tensor: torch.Tensor) -> bool:
+    """Whether backend ``name``'s ``op`` (e.g. ``"fused_sam_conv2d"``) passed its first-use self-test on
+    ``tensor``'s device and dtype (always true where it is not verified). Warns once on a failure."""
+    return _selftest_failure(name, op, impl, tensor) is None
+
+
 def resolve(op: str, tensor: torch.Tensor, backend: str | None = None) -> tuple[str, object]:
-    """Pick the backend that runs ``op`` on tensors like ``tensor``.
+    """Pick the backend that runs ``op`` on tensors like ``tensor`` (its device and dtype).
 
     Returns ``(name, impl)``. Raises :class:`BackendUnavailable` if ``backend`` (or
-    ``SPARSE_SAM_BACKEND``) forces one that cannot run it.
+    ``SPARSE_SAM_BACKEND``) forces one that cannot run it, or that failed its self-test.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {tuple(OPS)}")
@@ -156,6 +202,9 @@ def resolve(op: str, tensor: torch.Tensor, backend: str | None = None) -> tuple[
     forced = _forced(backend)
     if forced is not None:
         why = _why_not(forced, op, device_type)
+        if why is None:
+            error = _selftest_failure(forced, op, _load(forced).impl, tensor)
+            why = None if error is None else f"it failed its self-test on {tensor.device} ({tensor.dtype}): {error}"
         if why:
             raise BackendUnavailable(f"backend {forced!r} was forced for {op} but cannot run: {why}. "
                                      "Pass backend=None (or unset SPARSE_SAM_BACKEND) to choose automatically.")
@@ -164,7 +213,11 @@ def resolve(op: str, tensor: torch.Tensor, backend: str | None = None) -> tuple[
     for name in _AUTO_ORDER.get(device_type, ("torch",)):
         why = _why_not(name, op, device_type)
         if why is None:
-            if skipped and (op, device_type) not in _logged:
+            error = _selftest_failure(name, op, _load(name).impl, tensor)
+            if error is not None:
+                skipped.append(f"{name}: failed its self-test: {error}")
+                continue
+            if skipped and (op, device_type) not in _logged and not torch.compiler.is_compiling():
                 _logged.add((op, device_type))
                 log.info("sparse_sam: %s on %s uses %s (%s)", op, device_type, name, "; ".join(skipped))
             return name, _load(name).impl

@@ -2,9 +2,24 @@
 
 Each op here has a pure-PyTorch twin ``<op>_ref`` in :mod:`sparse_sam.reference` with the same
 signature; every backend is tested against it.
+
+Convolutions and ``torch.autocast``: by default every SAM layer op materialises ``W_eff`` (one pass of
+the backend's ``sam_weight`` kernel) and calls PyTorch's own ``F.conv*d`` / ``F.linear``, so
+
+* the patched forward is bit-identical to the forward of the model with the patch applied (same
+  convolution implementation, e.g. cuDNN, on both sides), and
+* autocast applies exactly as it does to the plain layer (``W_eff`` keeps the weight's dtype; PyTorch
+  casts it for the convolution or matmul).
+
+The fused Triton conv forward (``W_eff`` formed inside the implicit GEMM, never written) is an opt-in:
+``fused=True`` on :func:`sam_conv2d` / :func:`sam_conv_transpose2d`, or ``SPARSE_SAM_FUSED_CONV=1`` for
+every conv (the kernel's size heuristic then decides per layer). It agrees with the materialised conv
+only within :func:`sparse_sam.selftest.conv_tolerance` (it accumulates in its own order, in tf32 for
+float32 where PyTorch allows tf32), and it is never used under autocast.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +29,7 @@ from torch.nn.modules.utils import _pair
 
 from . import backends, reference
 
-__all__ = ["topk_mask", "sam_weight", "sam_conv2d", "sam_conv_transpose2d", "sam_linear", "swap_",
+__all__ = ["topk_mask", "sam_weight", "sam_conv", "sam_conv2d", "sam_conv_transpose2d", "sam_linear", "swap_",
            "SAMWeightFunction", "SAMConvFunction"]
 
 
@@ -124,17 +139,39 @@ class SAMConvFunction(torch.autograd.Function):
                 grad_scores if ctx.needs_input_grad[4] else None, grad_b, None, None, None, None)
 
 
-def _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, groups, output_padding,
-              transposed: bool, scores, delta_grad, backend):
-    _check_sam_args(weight, mask, delta, scores, delta_grad)
-    op = "sam_conv_transpose2d" if transposed else "sam_conv2d"
-    _, impl = backends.resolve(op, weight, backend)
-    # String padding ("same"/"valid") is resolved by PyTorch only: the fused kernels take numbers.
-    fused = None if isinstance(padding, str) else getattr(impl, op + "_forward", None)
+def _fused_conv_mode(fused: bool | None) -> bool | None:
+    """``False``: materialise; ``True``: the fused forward wherever it supports the shape; ``None``:
+    the fused forward where its own heuristic picks it (``SPARSE_SAM_FUSED_CONV=1``)."""
     if fused is not None:
+        return bool(fused)
+    value = os.environ.get("SPARSE_SAM_FUSED_CONV", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"SPARSE_SAM_FUSED_CONV must be 0 (materialise W_eff, the default) or 1, got {value!r}")
+    return None if value == "1" else False
+
+
+_CONV_FNS = {(nd, t): getattr(F, f"conv_transpose{nd}d" if t else f"conv{nd}d") for nd in (1, 2, 3) for t in (0, 1)}
+
+
+def _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, groups, output_padding,
+              transposed: bool, scores, delta_grad, backend, fused: bool | None = False):
+    _check_sam_args(weight, mask, delta, scores, delta_grad)
+    nd = weight.dim() - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"a convolution weight has 3 to 5 dimensions (1-D to 3-D conv), got shape "
+                         f"{tuple(weight.shape)}")
+    op = f"sam_conv_transpose{nd}d" if transposed else f"sam_conv{nd}d"
+    name, impl = backends.resolve(op, weight, backend)
+    mode = _fused_conv_mode(fused)
+    # String padding ("same"/"valid") is resolved by PyTorch only: the fused kernels take numbers.
+    kernel = None if (mode is False or isinstance(padding, str) or torch.is_autocast_enabled(input.device.type)) \
+        else getattr(impl, op + "_forward", None)
+    if kernel is not None and backends.verified(name, "fused_" + op, impl, weight):
         with torch.no_grad():
-            out = (fused(input, weight, mask, delta, bias, stride, padding, output_padding, groups, dilation)
-                   if transposed else fused(input, weight, mask, delta, bias, stride, padding, dilation, groups))
+            fused_arg = True if mode else None
+            out = (kernel(input, weight, mask, delta, bias, stride, padding, output_padding, groups, dilation,
+                          fused=fused_arg) if transposed
+                   else kernel(input, weight, mask, delta, bias, stride, padding, dilation, groups, fused=fused_arg))
         if out is not None:  # None: the backend declined this shape (dispatch heuristic)
             conv_args = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), transposed,
                          list(_pair(output_padding)), groups)
@@ -142,33 +179,51 @@ def _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, group
                                          delta_grad, impl, out)
     w = SAMWeightFunction.apply(weight.detach(), mask, delta, scores, delta_grad, impl)
     if transposed:
-        return F.conv_transpose2d(input, w, bias, stride, padding, output_padding, groups, dilation)
-    return F.conv2d(input, w, bias, stride, padding, dilation, groups)
+        return _CONV_FNS[nd, 1](input, w, bias, stride, padding, output_padding, groups, dilation)
+    return _CONV_FNS[nd, 0](input, w, bias, stride, padding, dilation, groups)
+
+
+def sam_conv(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
+             stride=1, padding=0, dilation=1, groups: int = 1, *, transposed: bool = False, output_padding=0,
+             scores: Tensor | None = None, delta_grad: str = "masked", backend: str | None = None) -> Tensor:
+    """N-d convolution (N = 1, 2, 3 from ``weight.dim() - 2``) with weight ``W + m ⊙ v``, always through
+    the materialised ``W_eff`` and PyTorch's convolution.
+
+    ``transposed=False``: ``F.conv{N}d(input, W_eff, bias, stride, padding, dilation, groups)``; input
+    ``(N, C_in, *spatial)``, weight ``(C_out, C_in/groups, *kernel)``.
+    ``transposed=True``: ``F.conv_transpose{N}d(input, W_eff, bias, stride, padding, output_padding,
+    groups, dilation)``; weight ``(C_in, C_out/groups, *kernel)``. mask, delta, scores: weight's shape.
+    """
+    return _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, groups, output_padding,
+                     transposed, scores, delta_grad, backend, fused=False)
 
 
 def sam_conv2d(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
                stride=1, padding=0, dilation=1, groups: int = 1, scores: Tensor | None = None,
-               delta_grad: str = "masked", backend: str | None = None) -> Tensor:
+               delta_grad: str = "masked", backend: str | None = None, fused: bool | None = None) -> Tensor:
     """``F.conv2d(input, W + m ⊙ v, bias, stride, padding, dilation, groups)``.
 
     Shapes: input ``(N, C_in, H, W)``; weight, mask, delta, scores ``(C_out, C_in/groups, kH, kW)``;
     output ``(N, C_out, H_out, W_out)``. Padding modes other than zeros are handled by the module.
+    ``fused``: ``None`` follows ``SPARSE_SAM_FUSED_CONV`` (default: materialise, bit-identical to the
+    applied model), ``True`` asks for the backend's fused forward (see the module docstring), ``False``
+    never uses it.
     """
     return _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, groups, 0, False,
-                     scores, delta_grad, backend)
+                     scores, delta_grad, backend, fused)
 
 
 def sam_conv_transpose2d(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
                          stride=1, padding=0, output_padding=0, groups: int = 1, dilation=1,
                          scores: Tensor | None = None, delta_grad: str = "masked",
-                         backend: str | None = None) -> Tensor:
+                         backend: str | None = None, fused: bool | None = None) -> Tensor:
     """``F.conv_transpose2d(input, W + m ⊙ v, bias, stride, padding, output_padding, groups, dilation)``.
 
     Shapes: input ``(N, C_in, H, W)``; weight, mask, delta, scores ``(C_in, C_out/groups, kH, kW)``;
-    output ``(N, C_out, H_out, W_out)``.
+    output ``(N, C_out, H_out, W_out)``. ``fused``: as in :func:`sam_conv2d`.
     """
     return _sam_conv(input, weight, mask, delta, bias, stride, padding, dilation, groups, output_padding,
-                     True, scores, delta_grad, backend)
+                     True, scores, delta_grad, backend, fused)
 
 
 def sam_linear(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
@@ -176,7 +231,7 @@ def sam_linear(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias:
     """``F.linear(input, W + m ⊙ v, bias)``; input ``(*, in)``, weight ``(out, in)``, output ``(*, out)``."""
     _check_sam_args(weight, mask, delta, scores, delta_grad)
     _, impl = backends.resolve("sam_linear", weight, backend)
-    fused = getattr(impl, "sam_linear_forward", None)
+    fused = None if torch.is_autocast_enabled(input.device.type) else getattr(impl, "sam_linear_forward", None)
     if fused is not None and not (torch.is_grad_enabled() and (delta.requires_grad or
                                                                  (scores is not None and scores.requires_grad))):
         out = fused(input, weight, mask, delta, bias)

@@ -264,7 +264,9 @@ class _Binding:
         return all(torch.equal(f, e) for f, e in zip(self.flat, self.expect))
 
 
-# Patches currently applied, per model, in application order (stacked only with stack=True).
+# Patches currently applied, per model, in application order (stacked only with stack=True). Every
+# apply/remove holds one lock, so threads switching patches on one model cannot interleave.
+_SWITCH_LOCK = threading.RLock()
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsePatch, _Binding]]]" = weakref.WeakKeyDictionary()
 
 
@@ -302,7 +304,6 @@ class SparsePatch:
         self.config = dict(config) if config else {}
         self._legacy_names = legacy_names  # version-1 file: fingerprinted under module names
         self._bindings: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
         if encoding == "compact":
             self._to_compact()
         for layer in layers:
@@ -435,7 +436,7 @@ class SparsePatch:
         if getattr(model, _HANDLE_ATTR, None) is not None:
             raise PatchMismatchError("the model is patched for training (sparse_sam.patch); export and "
                                      "unpatch it before applying a patch file")
-        with self._lock:
+        with _SWITCH_LOCK:
             applied = _APPLIED.get(model)
             if applied:
                 if any(p is self for p, _ in applied):
@@ -460,7 +461,7 @@ class SparsePatch:
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Swap the original weights back in: ``model`` is bit-identical to before :meth:`apply`."""
-        with self._lock:
+        with _SWITCH_LOCK:
             stack = _APPLIED.get(model)
             if not stack or stack[-1][0] is not self:
                 if stack and any(p is self for p, _ in stack):
@@ -498,7 +499,7 @@ class SparsePatch:
         """Write the patch into ``model`` permanently. This gives up the exact switch-off: the base
         bits under the patch are not kept anywhere, so only a copy of the base can restore them."""
         self.apply(model, strict)
-        with self._lock:
+        with _SWITCH_LOCK:
             stack = _APPLIED[model]
             stack.pop()
             if not stack:

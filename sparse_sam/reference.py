@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "DELTA_GRAD_MODES",
+    "check_one_device",
     "check_topk_args",
     "check_swap_args",
     "topk_mask_ref",
@@ -31,6 +32,7 @@ __all__ = [
     "sam_weight_forward_ref",
     "sam_weight_backward_ref",
     "sam_weight_ref",
+    "sam_conv_ref",
     "sam_conv2d_ref",
     "sam_conv_transpose2d_ref",
     "sam_linear_ref",
@@ -58,6 +60,22 @@ def _layer_name(names: Sequence[str] | None, i: int) -> str:
     return f"'{names[i]}'" if names is not None else f"#{i}"
 
 
+def check_one_device(op: str, tensors: Sequence[Tensor], names: Sequence[str] | None = None,
+                     per_layer: int = 1) -> None:
+    """Raise ``ValueError`` naming the first layer whose tensor is not on ``tensors[0]``'s device.
+
+    ``tensors`` holds ``per_layer`` consecutive tensors per layer (e.g. weight, mask, delta). Grouped
+    ops launch one kernel over every layer, so all of them must share a device (index included).
+    """
+    if not tensors:
+        return
+    first = tensors[0].device
+    for j, t in enumerate(tensors):
+        if t.device != first:
+            raise ValueError(f"{op}: layer {_layer_name(names, j // per_layer)} is on {t.device} but layer "
+                             f"{_layer_name(names, 0)} is on {first}; a grouped op needs every tensor on one device")
+
+
 # ----------------------------------------------------------------------------------------- top-k
 def check_topk_args(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence[str] | None = None) -> None:
     """Host-side checks shared by every backend (no NaN scan: backends fuse that into their pass)."""
@@ -65,6 +83,7 @@ def check_topk_args(scores: Sequence[Tensor], ks: Sequence[int], names: Sequence
         raise ValueError(f"topk_mask: got {len(scores)} score tensors but {len(ks)} budgets")
     if names is not None and len(names) != len(scores):
         raise ValueError(f"topk_mask: got {len(names)} names for {len(scores)} score tensors")
+    check_one_device("topk_mask", scores, names)
     for i, (s, k) in enumerate(zip(scores, ks)):
         if not s.is_floating_point():
             raise TypeError(f"topk_mask: scores of layer {_layer_name(names, i)} have dtype {s.dtype}, "
@@ -199,6 +218,19 @@ def sam_weight_ref(weight: Tensor, mask: Tensor, delta: Tensor, scores: Tensor |
 
 
 # ------------------------------------------------------------------------------- layers using it
+def sam_conv_ref(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
+                 stride=1, padding=0, dilation=1, groups: int = 1, *, transposed: bool = False, output_padding=0,
+                 scores: Tensor | None = None, delta_grad: str = "masked") -> Tensor:
+    """``F.conv{N}d`` (or ``F.conv_transpose{N}d`` when ``transposed``) with ``W + m ⊙ v``, N =
+    ``weight.dim() - 2`` in 1..3; input ``(N, C_in, *spatial)``, weight ``(C_out, C_in/groups, *kernel)``
+    (transposed: ``(C_in, C_out/groups, *kernel)``)."""
+    nd = weight.dim() - 2
+    w = sam_weight_ref(weight, mask, delta, scores, delta_grad)
+    if transposed:
+        return getattr(F, f"conv_transpose{nd}d")(input, w, bias, stride, padding, output_padding, groups, dilation)
+    return getattr(F, f"conv{nd}d")(input, w, bias, stride, padding, dilation, groups)
+
+
 def sam_conv2d_ref(input: Tensor, weight: Tensor, mask: Tensor, delta: Tensor, bias: Tensor | None = None,
                    stride=1, padding=0, dilation=1, groups: int = 1, scores: Tensor | None = None,
                    delta_grad: str = "masked") -> Tensor:
@@ -236,6 +268,7 @@ def check_swap_args(weights: Sequence[Tensor], indices: Sequence[Tensor], values
     if not len(weights) == len(indices) == len(values):
         raise ValueError(f"swap_: got {len(weights)} weights, {len(indices)} index and {len(values)} "
                          "value tensors; they must match")
+    check_one_device("swap_", weights, names)
     for i, (w, idx, val) in enumerate(zip(weights, indices, values)):
         name = _layer_name(names, i)
         if not w.is_contiguous():

@@ -5,7 +5,7 @@ Without a GPU these tests skip; the CUDA sources are still compiled by scripts/c
 import pytest
 import torch
 
-from sparse_sam import reference
+from sparse_sam import _ext, reference
 from sparse_sam.reference import bits_view
 
 pytestmark = [
@@ -39,6 +39,34 @@ def test_topk_nan_names_layer(cuda_backend):
     scores[1][77] = float("nan")
     with pytest.raises(ValueError, match="'b'"):
         cuda_backend.topk_mask(scores, [3, 3], ["a", "b"])
+    masks = cuda_backend.topk_mask(scores, [3, 3], ["a", "b"], check_nan=False)  # no synchronisation
+    assert int(masks[0].sum()) == 3
+    torch.cuda.synchronize()
+    assert torch.ops.sparse_sam.cuda_take_error(0)[:2] == [1, 1]  # NaN, layer #1
+
+
+def test_topk_and_swap_capture_in_a_cuda_graph(cuda_backend):
+    """After a warm-up call (tables cached, error word allocated) both ops launch no host copy or sync."""
+    g = gen(9)
+    scores = [torch.randn(5000, generator=g).cuda(), torch.randn(37, generator=g).cuda()]
+    w = torch.randn(1000, generator=g).cuda()
+    idx, val = torch.tensor([3, 500, 999], device="cuda"), torch.randn(3, generator=g).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        cuda_backend.topk_mask(scores, [100, 5], check_nan=False)
+        cuda_backend.swap_([w], [idx], [val])
+        cuda_backend.swap_([w], [idx], [val])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        masks = cuda_backend.topk_mask(scores, [100, 5], check_nan=False)
+        cuda_backend.swap_([w], [idx], [val])
+    w0, v0 = w.clone(), val.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.topk_mask_ref([s.cpu() for s in scores], [100, 5])
+    assert all(torch.equal(m.cpu(), r) for m, r in zip(masks, want))
+    assert torch.equal(w[idx], v0) and torch.equal(val, w0[idx])
 
 
 @pytest.mark.parametrize("wdtype,ddtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
@@ -77,8 +105,15 @@ def test_swap_bitexact_and_validated(cuda_backend, dtype):
     for a, b in zip(weights + values, ref_w + ref_v):
         assert torch.equal(bits_view(a).cpu(), bits_view(b))
     bad = [indices[0], torch.tensor([3, 2], device="cuda"), indices[2]]
-    with pytest.raises(ValueError, match="#1"):
-        torch.ops.sparse_sam.swap_(weights, bad, [values[0], values[1][:2], values[2]])
+    # No host synchronisation: the op reports through the device's error word and writes nothing.
+    torch.ops.sparse_sam.swap_(weights, bad, [values[0], values[1][:2], values[2]])
+    torch.cuda.synchronize()
+    assert torch.ops.sparse_sam.cuda_take_error(0) == [2, 1, 2]  # bad swap, layer #1, not increasing
+    assert torch.ops.sparse_sam.cuda_take_error(0) == [0, -1, 0]  # taken: cleared
+    with pytest.raises(ValueError, match="layer #1 are not strictly increasing; nothing was written"):
+        cuda_backend.swap_(weights, bad, [values[0], values[1][:2], values[2]])  # raises if the report landed
+        torch.cuda.synchronize()
+        _ext._check_cuda_errors(weights[0].device, None, wait=False)  # else the next check reports it
     cuda_backend.swap_(weights, indices, values)
     for a, b in zip(weights + values, before):
         assert torch.equal(bits_view(a), b)

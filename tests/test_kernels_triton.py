@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the triton backend is unavailable")
 
-from sparse_sam import ops, reference as R  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sparse_sam import ops, reference as R, selftest  # noqa: E402
 from sparse_sam.kernels import patch_swap, sam_conv, sam_weight  # noqa: E402
 
 # The package exports the function topk_mask under the submodule's name.
@@ -209,9 +211,8 @@ def test_sam_conv2d_fused(case, dtype):
     _, _, _, _, _, _, s, p, d, _, _ = case
     x, w, m, v, b = _conv_inputs(case, dtype, False, 6)
     out = sam_conv.sam_conv2d_forward(x, w, m, v, b, s, p, d, 1, fused=True)
-    ref = R.sam_conv2d_ref(x.cpu(), w.cpu(), m.cpu(), v.cpu(), None if b is None else b.cpu(), s, p, d, 1)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    error = selftest.conv_error(out, x, R.sam_weight_forward_ref(w, m, v), b, F.conv2d, (s, p, d, 1))
+    assert error is None, error
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -220,10 +221,8 @@ def test_sam_conv_transpose2d_fused(case, dtype):
     _, _, _, _, _, _, s, p, d, op, _ = case
     x, w, m, v, b = _conv_inputs(case, dtype, True, 7)
     out = sam_conv.sam_conv_transpose2d_forward(x, w, m, v, b, s, p, op, 1, d, fused=True)
-    ref = R.sam_conv_transpose2d_ref(x.cpu(), w.cpu(), m.cpu(), v.cpu(), None if b is None else b.cpu(),
-                                     s, p, op, 1, d)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    error = selftest.conv_error(out, x, R.sam_weight_forward_ref(w, m, v), b, F.conv_transpose2d, (s, p, op, 1, d))
+    assert error is None, error
 
 
 def test_sam_conv_declines():
@@ -240,6 +239,7 @@ def test_sam_conv_declines():
 
 def test_sam_conv_autograd_through_ops(monkeypatch):
     monkeypatch.setenv("SPARSE_SAM_TRITON_CONV", "always")
+    monkeypatch.setenv("SPARSE_SAM_FUSED_CONV", "1")
     case = CONV_CASES[1]
     _, _, _, _, _, _, s, p, d, op, _ = case
     x, w, m, v, b = _conv_inputs(case, torch.float32, True, 9)
@@ -248,6 +248,7 @@ def test_sam_conv_autograd_through_ops(monkeypatch):
     leaves_ref = [t.clone().requires_grad_() for t in (x, v, sc)]
     y = ops.sam_conv_transpose2d(leaves[0], w, m, leaves[1], None, s, p, op, 1, d, scores=leaves[2],
                                  backend="triton")
+    assert "SAMConvFunction" in type(y.grad_fn).__name__  # the fused forward ran
     yr = R.sam_conv_transpose2d_ref(leaves_ref[0], w, m, leaves_ref[1], None, s, p, op, 1, d,
                                     scores=leaves_ref[2])
     torch.testing.assert_close(y, yr, **TOL[torch.float32])
@@ -358,3 +359,78 @@ def test_kernels_compile_for_sm90_without_gpu():
     if res.returncode == 77:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------- device guards, 32-bit limits
+common = importlib.import_module("sparse_sam.kernels.common")
+sam_weight_mod = importlib.import_module("sparse_sam.kernels.sam_weight")
+
+
+class _NoLaunch:
+    """Stands in for a kernel that must not be launched."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched")
+
+
+def test_topk_layer_above_int32_limit_runs_on_the_threshold_selection(monkeypatch):
+    g = gen(20)
+    scores, ks = [torch.randn(1500, generator=g).to(DEVICE), torch.randn(7, generator=g).to(DEVICE)], [700, 3]
+    monkeypatch.setattr(topk_mod, "_topk_hist_kernel", _NoLaunch())
+    with pytest.raises(AssertionError, match="kernel launched"):  # below the limit: the kernel runs
+        topk_mod.topk_mask(scores, ks)
+    monkeypatch.setattr(common, "INT32_LIMIT", 1499)
+    _check_topk(scores, ks)
+
+
+def test_fused_conv_declines_when_an_int32_offset_could_wrap(monkeypatch):
+    x, w, m, v, b = _conv_inputs(CONV_CASES[0], torch.float32, False, 21)
+    monkeypatch.setattr(sam_conv, "_run_fused", lambda *a, **k: "ran")
+    assert sam_conv.sam_conv2d_forward(x, w, m, v, b, 1, 1, 1, 1, fused=True) == "ran"
+    monkeypatch.setattr(common, "INT32_LIMIT", x[0].numel() - 1)  # one input image is too large
+    assert sam_conv.sam_conv2d_forward(x, w, m, v, b, 1, 1, 1, 1, fused=True) is None
+    xt, wt, mt, vt, bt = _conv_inputs(CONV_CASES[0], torch.float32, True, 22)
+    monkeypatch.setattr(common, "INT32_LIMIT", wt.numel() - 1)  # the weight is too large
+    assert sam_conv.sam_conv_transpose2d_forward(xt, wt, mt, vt, bt, 1, 1, 0, 1, 1, fused=True) is None
+
+
+def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
+    entered = []
+
+    def recording_guard(t):
+        entered.append(t.device)
+        return common.device_guard(t)
+
+    for mod in (topk_mod, sam_weight_mod, patch_swap, sam_conv):
+        monkeypatch.setattr(mod, "device_guard", recording_guard)
+    g = gen(23)
+    w, v = torch.randn(5, 6, generator=g).to(DEVICE), torch.randn(5, 6, generator=g).to(DEVICE)
+    m = (torch.rand(5, 6, generator=g) < 0.5).to(DEVICE)
+    sam_weight.sam_weight_forward(w, m, v)
+    sam_weight.sam_weight_backward(w, m, v, torch.float32)
+    sam_weight.sam_weight_forward_grouped([w, w], [m, m], [v, v])
+    patch_swap.swap_([w.clone()], [torch.tensor([1, 3], device=DEVICE)], [torch.randn(2).to(DEVICE)])
+    topk_mod.topk_mask([w], [4])
+    x, cw, cm, cv, cb = _conv_inputs(CONV_CASES[3], torch.float32, False, 24)
+    sam_conv.sam_conv2d_forward(x, cw, cm, cv, cb, 2, 0, 1, 1, fused=True)
+    assert len(entered) == 6 and all(d == w.device for d in entered)
+
+
+def test_grouped_sam_weight_names_the_layer_on_another_device():
+    w = torch.randn(3, 4, device=DEVICE)
+    m = torch.ones(3, 4, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"layer #1 is on meta but layer #0 is on"):
+        sam_weight.sam_weight_forward_grouped([w, w.to("meta")], [m, m.to("meta")], [w, w.to("meta")])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_ops_on_the_second_device_while_the_first_is_current():
+    g = gen(25)
+    with torch.cuda.device(0):
+        scores = [torch.randn(5000, generator=g).to("cuda:1"), torch.randn(37, generator=g).to("cuda:1")]
+        _check_topk(scores, [1234, 5])
+        w = torch.randn(64, 33, generator=g).to("cuda:1")
+        m = (torch.rand(64, 33, generator=g) < 0.5).to("cuda:1")
+        v = torch.randn(64, 33, generator=g).to("cuda:1")
+        want = R.sam_weight_forward_ref(w.cpu(), m.cpu(), v.cpu())
+        assert torch.equal(sam_weight.sam_weight_forward(w, m, v).cpu(), want)

@@ -158,10 +158,12 @@ def test_fused_conv_path_gradients(monkeypatch):
     fake = types.SimpleNamespace(
         topk_mask=torch_impl.topk_mask, swap_=torch_impl.swap_,
         sam_weight_forward=torch_impl.sam_weight_forward, sam_weight_backward=torch_impl.sam_weight_backward,
-        sam_conv2d_forward=lambda x, w, m, v, b, st, p, d, gr: F.conv2d(x, R.sam_weight_forward_ref(w, m, v), b, st, p, d, gr),
-        sam_conv_transpose2d_forward=lambda x, w, m, v, b, st, p, op, gr, d: F.conv_transpose2d(
+        sam_conv2d_forward=lambda x, w, m, v, b, st, p, d, gr, fused: F.conv2d(
+            x, R.sam_weight_forward_ref(w, m, v), b, st, p, d, gr),
+        sam_conv_transpose2d_forward=lambda x, w, m, v, b, st, p, op, gr, d, fused: F.conv_transpose2d(
             x, R.sam_weight_forward_ref(w, m, v), b, st, p, op, gr, d))
     monkeypatch.setattr(backends, "resolve", lambda op, t, backend=None: ("fake", fake))
+    monkeypatch.setenv("SPARSE_SAM_FUSED_CONV", "1")  # the fused forward is an opt-in
     g = torch.Generator().manual_seed(8)
     for transposed in (False, True):
         x = torch.randn(2, 4, 7, 6, generator=g, requires_grad=True)

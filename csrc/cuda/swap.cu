@@ -1,6 +1,9 @@
-// In-place raw-bit exchange weights[l].flat[indices[l][j]] <-> values[l][j] on CUDA, all layers in two
-// grouped launches: a validation kernel flags bad layers (out of range, not strictly increasing); the
-// host reads the flags and raises before the exchange kernel is launched, so a bad patch writes nothing.
+// In-place raw-bit exchange weights[l].flat[indices[l][j]] <-> values[l][j] on CUDA, all layers in grouped
+// launches without host synchronisation: a validation kernel flags bad layers (out of range, not strictly
+// increasing) in a device buffer, a one-thread kernel reports them in the device's error word
+// (common.cuh), and the exchange kernel does nothing at all when any layer was flagged, so a bad patch
+// writes nothing. The host never waits for the flags: the Python wrapper reads the error word (see
+// sparse_sam/_ext.py). Tables are cached on the device, so a warmed-up call can be captured in a CUDA graph.
 #include "common.cuh"
 
 namespace sparse_sam::cuda {
@@ -21,7 +24,7 @@ __device__ __forceinline__ int64_t load_index(const SwapGroup& g, int l, int64_t
                           : static_cast<int64_t>(reinterpret_cast<const int32_t*>(g.indices[l])[j]);
 }
 
-// bad[l]: bit 0 = an index outside [0, numel), bit 1 = not strictly increasing.
+// bad[l]: bit 0 = an index outside [0, numel), bit 1 = not strictly increasing; bad[L]: any layer is bad.
 __global__ void validate_kernel(SwapGroup g, int64_t total, int* bad) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int l = find_layer(g.entry_start, g.L, e);
@@ -29,7 +32,21 @@ __global__ void validate_kernel(SwapGroup g, int64_t total, int* bad) {
     const int64_t idx = load_index(g, l, j);
     int flags = (idx < 0 || idx >= g.numel[l]) ? 1 : 0;
     if (j > 0 && load_index(g, l, j - 1) >= idx) flags |= 2;
-    if (flags) atomicOr(bad + l, flags);
+    if (flags) {
+      atomicOr(bad + l, flags);
+      atomicOr(bad + g.L, 1);
+    }
+  }
+}
+
+// One thread: the lowest bad layer (call-wide index) and its flags into the device's error word.
+__global__ void report_kernel(int L, const int* bad, ErrorWord* err) {
+  if (!bad[L]) return;
+  for (int l = 0; l < L; ++l) {
+    if (bad[l]) {
+      report_error(err, kErrBadSwap, l, bad[l]);
+      return;
+    }
   }
 }
 
@@ -42,7 +59,8 @@ __device__ __forceinline__ void exchange(int64_t wp, int64_t vp, int64_t idx, in
   *v = old;
 }
 
-__global__ void swap_kernel(SwapGroup g, int64_t total) {
+__global__ void swap_kernel(SwapGroup g, int64_t total, const int* bad) {
+  if (bad[g.L]) return;  // a bad layer anywhere: write nothing
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int l = find_layer(g.entry_start, g.L, e);
     const int64_t j = e - g.entry_start[l];
@@ -85,18 +103,12 @@ void swap_cuda(at::TensorList weights, at::TensorList indices, at::TensorList va
   const cuda::SwapGroup g{d_wp.data_ptr<int64_t>(), d_vp.data_ptr<int64_t>(), d_ip.data_ptr<int64_t>(),
                           d_info.data_ptr<int64_t>(), d_numel.data_ptr<int64_t>(), d_start.data_ptr<int64_t>(), L};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto bad = at::zeros({L}, at::TensorOptions().device(device).dtype(at::kInt));
+  auto bad = at::zeros({L + 1}, at::TensorOptions().device(device).dtype(at::kInt));
   cuda::validate_kernel<<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(g, total, bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto flags = bad.cpu();  // synchronises: nothing is written until every layer has passed
-  for (int l = 0; l < L; ++l) {
-    const int f = flags.data_ptr<int>()[l];
-    if (f == 0) continue;
-    // Min / max for the message only (error path).
-    const int64_t lo = idx[l].min().item<int64_t>(), hi = idx[l].max().item<int64_t>();
-    raise_bad_indices(l, numel[l], lo, hi, !(f & 1), !(f & 2));
-  }
-  cuda::swap_kernel<<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(g, total);
+  cuda::report_kernel<<<1, 1, 0, stream>>>(L, bad.data_ptr<int>(), cuda::error_word(device));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::swap_kernel<<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(g, total, bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -6,7 +6,15 @@
 // thread per layer picks the digit holding the k-th largest key. After the last digit the threshold key
 // t is exact and `rem` says how many elements equal to t are taken; they go to the lowest indices, via a
 // per-tile count of equal keys, a per-layer scan over tiles and a block scan inside each tile.
+//
+// No host synchronisation: NaN scores are reported through the device's error word (common.cuh), which
+// the Python wrapper reads after the call (or not: check_nan=False); the per-layer tables depend only on
+// the layers' addresses, sizes and budgets and are cached on the device, and the masks are views of one
+// output buffer addressed by offsets, so a warmed-up call copies nothing from the host and can be captured
+// in a CUDA graph. Sizes and counts are int64 throughout.
 #include "common.cuh"
+
+#include <climits>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -20,7 +28,8 @@ constexpr int kDigits = 256;
 
 struct Group {
   const int64_t* src;         // [L] score pointers
-  const int64_t* dst;         // [L] mask pointers
+  bool* out;                  // the masks of all layers, one buffer
+  const int64_t* out_off;     // [L] where each layer's mask starts in `out`
   const int64_t* numel;       // [L]
   const int64_t* tile_start;  // [L + 1] exclusive prefix of tiles per layer
   int L;
@@ -66,11 +75,28 @@ __global__ void digit_histogram_kernel(Group g, int level, const int64_t* active
   }
 }
 
-// One thread per layer: the digit holding the rem-th largest key among those matching the prefix.
-__global__ void pick_digit_kernel(int L, const int64_t* active, uint64_t* prefix, int64_t* rem,
-                                  unsigned long long* hist) {
+// One thread per layer: the selection state before the first digit. Layers with k = 0 or k = n are
+// inactive: a threshold that selects nothing (all-ones key) or everything (zero key; NaN excluded).
+template <typename T>
+__global__ void init_select_kernel(int L, const int64_t* ks, const int64_t* numel, uint64_t* prefix, int64_t* rem) {
+  using U = typename T::key_t;
   const int l = blockIdx.x * blockDim.x + threadIdx.x;
-  if (l >= L || !active[l]) return;
+  if (l >= L) return;
+  const int64_t k = ks[l], n = numel[l];
+  const bool active = k > 0 && k < n;
+  prefix[l] = k == 0 ? static_cast<uint64_t>(U(~U(0))) : 0;
+  rem[l] = active ? k : 0;
+}
+
+// One thread per layer: the digit holding the rem-th largest key among those matching the prefix. After
+// the first level it also reports NaN layers (lowest call-wide layer index) in the device's error word.
+__global__ void pick_digit_kernel(int L, const int64_t* active, uint64_t* prefix, int64_t* rem,
+                                  unsigned long long* hist, int level, const int* nan, const int64_t* layer_id,
+                                  ErrorWord* err) {
+  const int l = blockIdx.x * blockDim.x + threadIdx.x;
+  if (l >= L) return;
+  if (level == 0 && nan[l]) report_error(err, kErrNanScores, static_cast<int>(layer_id[l]), 0);
+  if (!active[l]) return;
   unsigned long long* h = hist + int64_t(l) * kDigits;
   int64_t above = 0;
   int digit = kDigits - 1;
@@ -125,7 +151,7 @@ __global__ void write_mask_kernel(Group g, const uint64_t* prefix, const int64_t
   __shared__ typename Scan::TempStorage tmp;
   const TileRange r = tile_range(g, blockIdx.x);
   const U* src = reinterpret_cast<const U*>(g.src[r.layer]);
-  bool* dst = reinterpret_cast<bool*>(g.dst[r.layer]);
+  bool* dst = g.out + g.out_off[r.layer];
   const U t = static_cast<U>(prefix[r.layer]);
   // Blocked arrangement: thread j owns kItems consecutive elements, so a block scan of per-thread
   // equal counts ranks the equal keys in index order.
@@ -152,54 +178,52 @@ __global__ void write_mask_kernel(Group g, const uint64_t* prefix, const int64_t
 }
 
 template <typename T>
-void topk_group(const std::vector<at::Tensor>& scores, std::vector<at::Tensor>& masks,
-                const std::vector<int64_t>& ks, const std::vector<int64_t>& layers, std::vector<char>& nan_out) {
-  using U = typename T::key_t;
+void topk_group(const std::vector<at::Tensor>& scores, const at::Tensor& out, const std::vector<int64_t>& out_off,
+                const std::vector<int64_t>& ks, const std::vector<int64_t>& layers) {
   const at::Device device = scores[layers[0]].device();
   const int L = static_cast<int>(layers.size());
-  std::vector<int64_t> src(L), dst(L), numel(L), tile_start(L + 1, 0), active(L), prefix(L), rem(L);
+  std::vector<int64_t> src(L), off(L), numel(L), tile_start(L + 1, 0), active(L), k(L);
   for (int j = 0; j < L; ++j) {
-    const int64_t i = layers[j], n = scores[i].numel(), k = ks[i];
+    const int64_t i = layers[j], n = scores[i].numel();
     src[j] = reinterpret_cast<int64_t>(scores[i].const_data_ptr());
-    dst[j] = reinterpret_cast<int64_t>(masks[i].data_ptr());
+    off[j] = out_off[i];
     numel[j] = n;
+    k[j] = ks[i];
     tile_start[j + 1] = tile_start[j] + ceil_div(n, kTile);
-    active[j] = k > 0 && k < n;
-    // Inactive layers get a threshold that selects nothing (k = 0) or everything (k = n, NaN excluded).
-    prefix[j] = k == 0 ? static_cast<int64_t>(static_cast<uint64_t>(U(~U(0)))) : 0;
-    rem[j] = active[j] ? k : 0;
+    active[j] = ks[i] > 0 && ks[i] < n;
   }
   const int64_t tiles = tile_start[L];
   if (tiles == 0) return;
-  auto d_src = to_device(src, device), d_dst = to_device(dst, device), d_numel = to_device(numel, device);
+  TORCH_CHECK(tiles <= INT_MAX, "topk_mask (cuda): ", tiles, " tiles of ", kTile, " scores exceed the grid limit");
+  // Read-only tables, cached on the device (see to_device).
+  auto d_src = to_device(src, device), d_off = to_device(off, device), d_numel = to_device(numel, device);
   auto d_tiles = to_device(tile_start, device), d_active = to_device(active, device);
-  auto d_prefix = to_device(prefix, device), d_rem = to_device(rem, device);
+  auto d_k = to_device(k, device), d_layer = to_device(layers, device);
   auto opts = at::TensorOptions().device(device);
+  // Mutable selection state: fresh device buffers, initialised on the device.
+  auto d_prefix = at::empty({L}, opts.dtype(at::kLong)), d_rem = at::empty({L}, opts.dtype(at::kLong));
   auto hist = at::zeros({int64_t(L) * kDigits}, opts.dtype(at::kLong));
   auto nan = at::zeros({L}, opts.dtype(at::kInt));
   auto tile_equal = at::empty({tiles}, opts.dtype(at::kLong));
-  const Group g{d_src.data_ptr<int64_t>(), d_dst.data_ptr<int64_t>(), d_numel.data_ptr<int64_t>(),
-                d_tiles.data_ptr<int64_t>(), L};
+  const Group g{d_src.data_ptr<int64_t>(), out.data_ptr<bool>(), d_off.data_ptr<int64_t>(),
+                d_numel.data_ptr<int64_t>(), d_tiles.data_ptr<int64_t>(), L};
   auto* prefix_p = reinterpret_cast<uint64_t*>(d_prefix.data_ptr<int64_t>());
   auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int grid = static_cast<unsigned int>(tiles);
+  const unsigned int layer_grid = static_cast<unsigned int>(ceil_div(L, kThreads));
+  ErrorWord* err = error_word(device);
 
+  init_select_kernel<T><<<layer_grid, kThreads, 0, stream>>>(L, d_k.data_ptr<int64_t>(), d_numel.data_ptr<int64_t>(),
+                                                              prefix_p, d_rem.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int level = 0; level < T::kBits / 8; ++level) {
     digit_histogram_kernel<T><<<grid, kThreads, 0, stream>>>(g, level, d_active.data_ptr<int64_t>(), prefix_p,
                                                              hist_p, nan.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (level == 0) {
-      const auto flags = nan.cpu();  // synchronises: stop before further work on bad input
-      bool any = false;
-      for (int j = 0; j < L; ++j) {
-        nan_out[layers[j]] = flags.data_ptr<int>()[j] != 0;
-        any |= nan_out[layers[j]] != 0;
-      }
-      if (any) return;
-    }
-    pick_digit_kernel<<<static_cast<unsigned int>(ceil_div(L, kThreads)), kThreads, 0, stream>>>(
-        L, d_active.data_ptr<int64_t>(), prefix_p, d_rem.data_ptr<int64_t>(), hist_p);
+    pick_digit_kernel<<<layer_grid, kThreads, 0, stream>>>(L, d_active.data_ptr<int64_t>(), prefix_p,
+                                                           d_rem.data_ptr<int64_t>(), hist_p, level, nan.data_ptr<int>(),
+                                                           d_layer.data_ptr<int64_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   count_equal_kernel<T><<<grid, kThreads, 0, stream>>>(g, prefix_p, tile_equal.data_ptr<int64_t>());
@@ -221,14 +245,16 @@ std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, at::IntArrayRef ks
   check_topk_args(scores, ks);
   const size_t L = scores.size();
   std::vector<at::Tensor> flat(L), masks(L);
-  std::vector<int64_t> k(ks.begin(), ks.end());
+  std::vector<int64_t> k(ks.begin(), ks.end()), out_off(L);
   if (L == 0) return masks;
   const c10::cuda::CUDAGuard guard(scores[0].device());
   // Group layers by key width / NaN encoding: one launch sequence per group.
   std::vector<int64_t> f32, f64, f16, bf16;
+  int64_t total = 0;
   for (size_t i = 0; i < L; ++i) {
     flat[i] = scores[i].contiguous();
-    masks[i] = at::empty(scores[i].sizes(), scores[i].options().dtype(at::kBool));
+    out_off[i] = total;
+    total += scores[i].numel();
     switch (scores[i].scalar_type()) {
       case at::kFloat: f32.push_back(i); break;
       case at::kDouble: f64.push_back(i); break;
@@ -236,14 +262,12 @@ std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, at::IntArrayRef ks
       default: bf16.push_back(i); break;  // check_topk_args admits only the four float dtypes
     }
   }
-  std::vector<char> nan(L, 0);
-  if (!f32.empty()) cuda::topk_group<F32Keys>(flat, masks, k, f32, nan);
-  if (!f64.empty()) cuda::topk_group<F64Keys>(flat, masks, k, f64, nan);
-  if (!f16.empty()) cuda::topk_group<F16Keys>(flat, masks, k, f16, nan);
-  if (!bf16.empty()) cuda::topk_group<BF16Keys>(flat, masks, k, bf16, nan);
-  for (size_t i = 0; i < L; ++i) {
-    TORCH_CHECK_VALUE(!nan[i], "topk_mask: scores of layer #", i, " contain NaN");
-  }
+  auto out = at::empty({total}, scores[0].options().dtype(at::kBool));
+  for (size_t i = 0; i < L; ++i) masks[i] = out.narrow(0, out_off[i], scores[i].numel()).view(scores[i].sizes());
+  if (!f32.empty()) cuda::topk_group<F32Keys>(flat, out, out_off, k, f32);
+  if (!f64.empty()) cuda::topk_group<F64Keys>(flat, out, out_off, k, f64);
+  if (!f16.empty()) cuda::topk_group<F16Keys>(flat, out, out_off, k, f16);
+  if (!bf16.empty()) cuda::topk_group<BF16Keys>(flat, out, out_off, k, bf16);
   return masks;
 }
 
