@@ -1,5 +1,5 @@
 // Per-layer top-k mask on CPU: selection on order-preserving integer keys, all layers in one call and
-// in one parallel region.
+// one round of work shared between threads.
 //
 // Large layers (sampling): one key per kSampleStride, at jittered positions, gives a bracket [lo, hi]
 // that holds the k-th largest key with high probability. One pass per chunk then writes the mask
@@ -8,10 +8,9 @@
 // written with 256-bit intrinsics: per 32 scores, 8 compares, a pack to bytes, one store, and a single
 // branch that is rarely taken. The thread that finishes a layer's last chunk resolves its candidates.
 // If the counts show that the bracket missed (unlucky sample, adversarial layout), the layer is redone
-// the whole-layer way after the region.
+// the whole-layer way in a second round.
 // Small layers (whole-layer): one work item per layer: a histogram of the top key bits gives the bucket
-// holding the k-th largest key; a second pass writes the mask outside that bucket and collects the keys
-// inside it.
+// holding the k-th largest key; the bucket's key range is then the bracket of the same pass as above.
 // Either way the collected candidates (in index order) are resolved exactly: the r-th largest by
 // nth_element, and keys equal to it go to the lowest indices.
 //
