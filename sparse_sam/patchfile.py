@@ -183,6 +183,19 @@ def _chain_intact(model: nn.Module, chain: list[tuple[nn.Module, str]], p: Tenso
     return owner is m and owner._parameters.get(attr) is p
 
 
+def _equal(a: Tensor, b: Tensor) -> bool:
+    # On the CPU, compare on the calling thread: torch.equal opens a parallel region, which waits for a
+    # second thread that a busy machine may not schedule for milliseconds (seen: 8 ms for 100 k entries).
+    if a.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
+
+
+def _source(patch: "SparsePatch") -> list[tuple[str, int, int]]:
+    """Identity of a patch's content (a binding is reused only for the very tensors it was made from)."""
+    return [(l.name, id(l.indices), id(l.deltas)) for l in patch.layers]
+
+
 def _model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -244,6 +257,7 @@ class _Binding:
         check_swap_args(self.weights, self.indices, self.values, [l.name for l in patch.layers])
         _, self.impl = backends.resolve("swap_", self.weights[0]) if self.weights else (None, None)
         self.versions = self._versions()  # as of the last time the base was known to be intact
+        self.source = _source(patch)  # the patch content it was prepared from
         self.versions_applied: list[tuple[int, int]] | None = None  # right after the last apply
 
     def _versions(self) -> list[tuple[int, int]]:
@@ -261,7 +275,7 @@ class _Binding:
 
     def base_bits_ok(self) -> bool:
         """After an apply: the bits the swap took out of the weights are the verified base bits."""
-        return all(torch.equal(f, e) for f, e in zip(self.flat, self.expect))
+        return all(_equal(f, e) for f, e in zip(self.flat, self.expect))
 
 
 # Patches currently applied, per model, in application order (stacked only with stack=True). Every
@@ -322,6 +336,13 @@ class SparsePatch:
             named.append((name, w))
         return cls(layers, fingerprint(named), handle.config.sparsity, handle.config.allocation, encoding,
                    handle.config.to_dict())
+
+    def __copy__(self) -> "SparsePatch":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.layers = list(self.layers)
+        new._bindings = weakref.WeakKeyDictionary()  # prepared state belongs to one object
+        return new
 
     def _fingerprint_of(self, weights: list[Tensor], fresh: bool = False) -> str:
         names = [l.name.rpartition(".")[0] if self._legacy_names else l.name for l in self.layers]
@@ -404,7 +425,8 @@ class SparsePatch:
 
     def _binding(self, model: nn.Module, strict: bool, verify: str) -> _Binding:
         b = self._bindings.get(model)
-        if b is not None and verify == "cached" and (b.strict or not strict) and b.intact(model):
+        if (b is not None and verify == "cached" and (b.strict or not strict) and b.source == _source(self)
+                and b.intact(model)):
             return b
         if b is not None:  # something moved: hash afresh the weights that changed
             for w in b.weights:

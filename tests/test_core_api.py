@@ -353,3 +353,22 @@ def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path):
     for la, lb in zip(a.layers, b.layers):
         assert torch.equal(la.indices, lb.indices) and torch.equal(raw_bits(la.deltas), raw_bits(lb.deltas))
     assert any(bool(l.deltas.abs().sum() > 0) for l in a.layers)
+
+
+def test_a_copied_or_edited_patch_is_prepared_afresh():
+    """Prepared switching state belongs to one patch object and its very tensors."""
+    import copy
+
+    torch.manual_seed(8)
+    model = PaperAutoEncoder(w=4)
+    patch = trained_patch(model)
+    with patch.applied(model):
+        on = state_bits(model)
+    other = copy.copy(patch)
+    other.layers = [patchfile.PatchLayer(l.name, l.shape, l.dtype, l.indices, l.deltas * 2, l.names)
+                    for l in patch.layers]
+    with other.applied(model):
+        on2 = state_bits(model)
+    assert any(not torch.equal(on[k], on2[k]) for k in on)
+    with patch.applied(model):  # the original still switches its own values
+        assert_same_bits(on, state_bits(model))
