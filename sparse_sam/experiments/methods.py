@@ -21,6 +21,7 @@ test data.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,11 +92,20 @@ class MethodResult:
 
 @dataclass
 class TrainConfig:
-    """Plain training: ``epochs`` over the data in mini-batches of ``batch_size``, Adam or SGD at ``lr``."""
+    """Plain training: ``epochs`` over the data in mini-batches of ``batch_size``, Adam or SGD at ``lr``.
+
+    ``schedule``: ``"constant"`` (``lr`` throughout) or ``"cosine"`` (``lr`` annealed per epoch to
+    ``lr * final_lr_ratio`` over the first ``epochs - hold_epochs`` epochs, then held there for the last
+    ``hold_epochs``; with ``hold_epochs=1`` the last epoch is "one more epoch" at the final rate, which
+    is what the pre-training convergence check measures).
+    """
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 64
     optimizer: str = "adam"
+    schedule: str = "constant"
+    final_lr_ratio: float = 0.01
+    hold_epochs: int = 0
 
 
 @dataclass
@@ -106,7 +116,12 @@ class ZFDAConfig:
     The paper's literal rule is ``optimizer="sgd", lr_scores=1.0, lr_delta=1e-4, delta_grad="masked",
     score_init_scale=1.0``; with it no mask entry flips (the score steps g ⊙ v are tiny against N(0, 1)
     score gaps while v is still ≈ 0), so the default here is Adam with ``delta_grad="dense"``.
-    ``score_init_scale`` multiplies the N(0, 1) initial scores.
+    ``score_init``: ``"random"`` (the patch's N(0, 1) scores) or ``"grad"`` (a warm start: the scores
+    become ``|∂L/∂W|`` of the un-patched model, accumulated over the first ``warm_start_batches``
+    domain batches and divided by its per-layer standard deviation, so the initial mask picks the
+    weights with the largest first gradients). ``score_init_scale`` multiplies the initial scores.
+    ``schedule``: ``"constant"`` or ``"cosine"`` (both learning rates annealed to
+    ``final_lr_ratio`` of their start by the last epoch), as in :class:`TrainConfig`.
     """
     sparsity: float = 0.01
     allocation: str = "linear"
@@ -116,6 +131,10 @@ class ZFDAConfig:
     lr_scores: float = 0.01
     lr_delta: float = 1e-3
     score_init_scale: float = 1.0
+    score_init: str = "random"
+    warm_start_batches: int = 4
+    schedule: str = "constant"
+    final_lr_ratio: float = 0.01
     epochs: int = 30
     batch_size: int = 64
     norm: str = "frozen"
@@ -235,9 +254,30 @@ def _batches(n: int, batch_size: int, g: torch.Generator):
         yield perm[i:i + batch_size]
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int, final_lr_ratio: float, hold_epochs: int = 0):
+    """Per-epoch learning-rate schedule of ``opt`` (``None`` for a constant rate); see :class:`TrainConfig`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0 <= hold_epochs < max(epochs, 1):
+        raise ValueError(f"hold_epochs must be in [0, epochs), got {hold_epochs} for {epochs} epochs")
+    n = epochs - hold_epochs  # annealing epochs
+    if schedule == "constant" or n <= 1:
+        return None
+    if not 0.0 <= final_lr_ratio <= 1.0:
+        raise ValueError(f"final_lr_ratio must be in [0, 1], got {final_lr_ratio}")
+    # Epoch e (0-based) runs at lr * (r + (1 - r) * (1 + cos(pi e / (n - 1))) / 2), epochs n-1 .. E-1 at lr * r.
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(e, n - 1) / (n - 1))))
+
+
 def _fit(loss_fn, x: Tensor, opt: torch.optim.Optimizer, epochs: int, batch_size: int, seed: int,
-         desc: str, progress: bool, device: str, on_epoch=None) -> list[float]:
-    """Mini-batch training of ``loss_fn(x_batch) -> scalar``; returns the mean loss of every epoch."""
+         desc: str, progress: bool, device: str, on_epoch=None, scheduler=None) -> list[float]:
+    """Mini-batch training of ``loss_fn(x_batch) -> scalar``; returns the mean loss of every epoch.
+
+    ``scheduler`` (optional) steps once after every epoch; ``on_epoch()`` runs after every epoch."""
     g = torch.Generator().manual_seed(seed)
     x = x.to(device)
     losses = []
@@ -251,6 +291,8 @@ def _fit(loss_fn, x: Tensor, opt: torch.optim.Optimizer, epochs: int, batch_size
             opt.step()
             tot, cnt = tot + float(loss.detach()) * xb.shape[0], cnt + xb.shape[0]
         losses.append(tot / max(cnt, 1))
+        if scheduler is not None:
+            scheduler.step()
         if on_epoch is not None:
             on_epoch()
     return losses
@@ -260,20 +302,26 @@ def _fit(loss_fn, x: Tensor, opt: torch.optim.Optimizer, epochs: int, batch_size
 def pretrain(sc: Scenario, cfg: TrainConfig, width: int = 32) -> MethodResult:
     """Train a fresh :class:`SemanticAutoencoder` (seeded) on ``sc.orig_train`` with MSE.
 
-    ``psnr["aligned"]``: the model's own encoder + decoder on ``sc.orig_test``. ``artifact``: the model.
+    ``psnr["aligned"]``: the model's own encoder + decoder on ``sc.orig_test``. ``info``:
+    ``psnr_per_epoch`` (aligned test PSNR after every epoch) and ``last_epoch_gain_db`` (what the last
+    epoch added; the convergence check). ``artifact``: the model.
     """
     t0 = time.perf_counter()
     torch.manual_seed(sc.seed)
     model = SemanticAutoencoder(width, link=make_link(sc.link)).to(sc.device)
     model.train()
     opt = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    per_epoch: list[float] = []
     losses = _fit(lambda xb: F.mse_loss(model(xb), xb), sc.orig_train, opt, cfg.epochs, cfg.batch_size,
-                  sc.seed, "pre-training", sc.progress, sc.device)
+                  sc.seed, "pre-training", sc.progress, sc.device,
+                  on_epoch=lambda: per_epoch.append(evaluate(model, model, sc.orig_test, sc.device)),
+                  scheduler=_scheduler(opt, cfg.schedule, cfg.epochs, cfg.final_lr_ratio, cfg.hold_epochs))
     model.eval()
     aligned = evaluate(model, model, sc.orig_test, sc.device)
+    gain = per_epoch[-1] - per_epoch[-2] if len(per_epoch) >= 2 else float("nan")
     return MethodResult("pretrain", None, None, {"aligned": aligned}, time.perf_counter() - t0,
                         info={"losses": losses, "params": sum(p.numel() for p in model.parameters()),
-                              "config": asdict(cfg)},
+                              "config": asdict(cfg), "psnr_per_epoch": per_epoch, "last_epoch_gain_db": gain},
                         artifact=model)
 
 
@@ -300,13 +348,43 @@ def baseline_da(sc: Scenario, cfg: TrainConfig) -> MethodResult:
     model.train()
     opt = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     losses = _fit(lambda xb: F.mse_loss(model(xb), xb), sc.dom_train, opt, cfg.epochs, cfg.batch_size,
-                  sc.seed, f"baseline DA {sc.domain}", sc.progress, sc.device)
+                  sc.seed, f"baseline DA {sc.domain}", sc.progress, sc.device,
+                  scheduler=_scheduler(opt, cfg.schedule, cfg.epochs, cfg.final_lr_ratio, cfg.hold_epochs))
     train_s = time.perf_counter() - t0
     model.eval()
     res = MethodResult("baseline_da", sc.domain, None, _domain_psnrs(sc, model), train_s,
                        info={"losses": losses, "stored_bytes": param_bytes(model.parameters()),
                              "config": asdict(cfg)}, artifact=model)
     return res
+
+
+SCORE_INITS = ("random", "grad")
+
+
+def _first_gradients(model: nn.Module, sc: Scenario, cfg: ZFDAConfig) -> dict[str, Tensor]:
+    """``|∂L/∂W|`` summed over the first ``cfg.warm_start_batches`` domain batches, per weight of every
+    Conv2d / ConvTranspose2d / Linear layer of ``model`` (keyed by module name, shaped like the weight).
+
+    Normalisation layers run on their running statistics (as ZFDA's ``norm="frozen"`` does), and the
+    model's weights, buffers, ``requires_grad`` flags and the global RNG are left as they were.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+    acc = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    g = torch.Generator().manual_seed(sc.seed)
+    x = sc.dom_train.to(sc.device)
+    mode = model.training
+    model.eval()
+    try:
+        for i, idx in enumerate(_batches(x.shape[0], cfg.batch_size, g)):
+            if i >= cfg.warm_start_batches:
+                break
+            xb = x[idx.to(x.device)]
+            grads = torch.autograd.grad(F.mse_loss(model(xb), xb), [m.weight for m in layers.values()])
+            for n, gr in zip(layers, grads):
+                acc[n] += gr.abs()
+    finally:
+        model.train(mode)
+    return acc
 
 
 def zfda(sc: Scenario, cfg: ZFDAConfig) -> MethodResult:
@@ -324,22 +402,39 @@ def zfda(sc: Scenario, cfg: ZFDAConfig) -> MethodResult:
     """
     import sparse_sam
 
+    if cfg.score_init not in SCORE_INITS:
+        raise ValueError(f"ZFDAConfig.score_init must be one of {SCORE_INITS}, got {cfg.score_init!r}")
     t0 = time.perf_counter()
     pre = sc.pretrained
     model = copy.deepcopy(pre)
+    warm = _first_gradients(model, sc, cfg) if cfg.score_init == "grad" else None
     torch.manual_seed(sc.seed)
     handle = sparse_sam.patch(model, cfg.sparsity, allocation=cfg.allocation, learn_mask=cfg.learn_mask,
                               delta_grad=cfg.delta_grad, seed=sc.seed, norm=cfg.norm)
+    if cfg.score_init == "grad":
+        with torch.no_grad():
+            for name, m in handle.layers.items():
+                g = warm[name]
+                m.scores.copy_(g / g.std().clamp_min(1e-30))
     if cfg.score_init_scale != 1.0:
         with torch.no_grad():
             for m in handle.layers.values():
                 m.scores.mul_(cfg.score_init_scale)
+    if cfg.score_init != "random" or cfg.score_init_scale != 1.0:
+        handle.refresh_masks()
     opt = _make_optimizer(cfg.optimizer, handle.param_groups(lr_scores=cfg.lr_scores, lr_delta=cfg.lr_delta))
     model.train()
-    flips = []  # fraction of mask entries differing from the initial mask, after every epoch
+    flips = []  # fraction of mask entries differing from the initial (post-warm-start) mask, after every epoch
+    init_masks = [m.mask.clone() for m in handle.layers.values()]
+    n_mask = sum(m0.numel() for m0 in init_masks)
+
+    def count_flips():
+        handle.refresh_masks()
+        flips.append(sum(int((m.mask != m0).sum()) for m, m0 in zip(handle.layers.values(), init_masks)) / n_mask)
+
     losses = _fit(lambda xb: F.mse_loss(model(xb), xb), sc.dom_train, opt, cfg.epochs, cfg.batch_size,
-                  sc.seed, f"ZFDA {sc.domain} γ={cfg.sparsity:g}", sc.progress, sc.device,
-                  on_epoch=lambda: flips.append(handle.flipped_fraction()))
+                  sc.seed, f"ZFDA {sc.domain} γ={cfg.sparsity:g}", sc.progress, sc.device, on_epoch=count_flips,
+                  scheduler=_scheduler(opt, cfg.schedule, cfg.epochs, cfg.final_lr_ratio))
     train_s = time.perf_counter() - t0
     model.eval()
     domain_live = evaluate(model, model, sc.dom_test, sc.device)
