@@ -219,7 +219,8 @@ def test_zfda_warm_start_takes_the_mask_from_first_gradients(tiny):
     g = M._first_gradients(model, sc, cfg)
     for k, v in model.state_dict().items():  # weights and BatchNorm buffers untouched
         assert torch.equal(v, before[k]), k
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
+    convs = {f"{n}.weight": m for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
     assert set(g) == set(convs) and all(g[n].shape == convs[n].weight.shape and g[n].sum() > 0 for n in g)
     # The patched model's initial mask (epochs=0: no training step) is the per-layer top-k of those gradients.
     import sparse_sam

@@ -362,14 +362,16 @@ SCORE_INITS = ("random", "grad")
 
 
 def _first_gradients(model: nn.Module, sc: Scenario, cfg: ZFDAConfig) -> dict[str, Tensor]:
-    """``|∂L/∂W|`` summed over the first ``cfg.warm_start_batches`` domain batches, per weight of every
-    Conv2d / ConvTranspose2d / Linear layer of ``model`` (keyed by module name, shaped like the weight).
+    """``|∂L/∂W|`` summed over the first ``cfg.warm_start_batches`` domain batches, per weight that
+    ``sparse_sam.patch`` selects by default (keyed by qualified parameter name, shaped like the weight).
 
     Normalisation layers run on their running statistics (as ZFDA's ``norm="frozen"`` does), and the
     model's weights, buffers, ``requires_grad`` flags and the global RNG are left as they were.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
-    acc = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    from ..budget import find_targets
+
+    weights = {n: t.param for n, t in find_targets(model)[0].items()}
+    acc = {n: torch.zeros_like(w) for n, w in weights.items()}
     g = torch.Generator().manual_seed(sc.seed)
     x = sc.dom_train.to(sc.device)
     mode = model.training
@@ -379,8 +381,8 @@ def _first_gradients(model: nn.Module, sc: Scenario, cfg: ZFDAConfig) -> dict[st
             if i >= cfg.warm_start_batches:
                 break
             xb = x[idx.to(x.device)]
-            grads = torch.autograd.grad(F.mse_loss(model(xb), xb), [m.weight for m in layers.values()])
-            for n, gr in zip(layers, grads):
+            grads = torch.autograd.grad(F.mse_loss(model(xb), xb), list(weights.values()))
+            for n, gr in zip(weights, grads):
                 acc[n] += gr.abs()
     finally:
         model.train(mode)
