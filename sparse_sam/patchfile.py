@@ -200,37 +200,54 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def check_targets(model: nn.Module, patch: "SparsePatch", strict: bool = True,
+                  fresh: bool = False) -> tuple[list, list[nn.Parameter]]:
+    """Check ``patch`` against ``model`` without writing: every weight exists (a distinct Parameter),
+    with the patch's shape and dtype, contiguous, all on one device, and with ``strict`` the base
+    fingerprint (``fresh``: re-hash instead of trusting the cache). Returns the module chains and the
+    Parameters, in patch order; raises :class:`PatchMismatchError`."""
+    chains, weights = [], []
+    for layer in patch.layers:
+        chain, w = _resolve(model, layer.name)
+        if tuple(w.shape) != layer.shape:
+            raise PatchMismatchError(f"'{layer.name}': patch is for shape {layer.shape}, the model's weight "
+                                     f"has {tuple(w.shape)}")
+        if w.dtype != layer.dtype:
+            raise PatchMismatchError(f"'{layer.name}': patch is for {layer.dtype}, the model's weight is "
+                                     f"{w.dtype}")
+        if not w.is_contiguous():
+            raise PatchMismatchError(f"'{layer.name}': the model's weight is not contiguous")
+        if any(w is other for other in weights):
+            raise PatchMismatchError(f"'{layer.name}' is the same Parameter as another entry of the patch")
+        chains.append(chain)
+        weights.append(w)
+    if len({w.device for w in weights}) > 1:
+        raise PatchMismatchError("the patched weights are on several devices "
+                                 f"({sorted({str(w.device) for w in weights})}); move the model to one")
+    if strict:
+        fp = patch._fingerprint_of(weights, fresh=fresh)
+        if fp != patch.fingerprint:
+            for w in weights:  # they may have been edited through .data: hash afresh next time
+                _forget_digest(w)
+            raise PatchMismatchError("the model's base weights differ from those the patch was trained on "
+                                     "(fingerprint mismatch); pass strict=False to apply anyway")
+    return chains, weights
+
+
+def patched_values(weight: Tensor, indices: Tensor, deltas: Tensor) -> Tensor:
+    """``W + v`` at ``indices`` (``(k,)``, ``weight``'s dtype), computed exactly as the patched forward
+    computes it, so written values equal ``W_eff`` bit for bit."""
+    base = weight.detach().reshape(-1)[indices]
+    return sam_weight_forward_ref(base, torch.ones_like(base, dtype=torch.bool), deltas.to(weight.device))
+
+
 class _Binding:
     """A patch prepared for one model: resolved weights, the values to write, and the state the fast
     path trusts. While not applied, ``values[l]`` hold ``W + v`` at ``indices[l]``; while applied, the
     base bits. Values of one dtype/device are views of one flat buffer, checked in one comparison."""
 
     def __init__(self, model: nn.Module, patch: "SparsePatch", strict: bool, verify_full: bool):
-        self.chains, self.weights = [], []
-        for layer in patch.layers:
-            chain, w = _resolve(model, layer.name)
-            if tuple(w.shape) != layer.shape:
-                raise PatchMismatchError(f"'{layer.name}': patch is for shape {layer.shape}, the model's weight "
-                                         f"has {tuple(w.shape)}")
-            if w.dtype != layer.dtype:
-                raise PatchMismatchError(f"'{layer.name}': patch is for {layer.dtype}, the model's weight is "
-                                         f"{w.dtype}")
-            if not w.is_contiguous():
-                raise PatchMismatchError(f"'{layer.name}': the model's weight is not contiguous")
-            if any(w is other for other in self.weights):
-                raise PatchMismatchError(f"'{layer.name}' is the same Parameter as another entry of the patch")
-            self.chains.append(chain)
-            self.weights.append(w)
-        if len({w.device for w in self.weights}) > 1:
-            raise PatchMismatchError("the patched weights are on several devices "
-                                     f"({sorted({str(w.device) for w in self.weights})}); move the model to one")
-        if strict:
-            fp = patch._fingerprint_of(self.weights, fresh=verify_full)
-            if fp != patch.fingerprint:
-                for w in self.weights:  # they may have been edited through .data: hash afresh next time
-                    _forget_digest(w)
-                raise PatchMismatchError("the model's base weights differ from those the patch was trained on "
-                                         "(fingerprint mismatch); pass strict=False to apply anyway")
+        self.chains, self.weights = check_targets(model, patch, strict, verify_full)
         self.strict = strict
         device = self.weights[0].device if self.weights else torch.device("cpu")
         self.indices = [layer.indices.to(device) for layer in patch.layers]
@@ -245,12 +262,9 @@ class _Binding:
                 flat = torch.empty(sum(sizes), dtype=dtype, device=device)
                 base = torch.empty_like(flat)
                 for i, view, bview in zip(members, flat.split(sizes), base.split(sizes)):
-                    w, layer = self.weights[i], patch.layers[i]
-                    b = w.detach().reshape(-1)[self.indices[i]]
-                    bview.copy_(b)
-                    d = layer.deltas.to(device)
-                    # The same arithmetic as the patched forward, so applied weights equal W_eff bit for bit.
-                    view.copy_(sam_weight_forward_ref(b, torch.ones_like(b, dtype=torch.bool), d))
+                    w, idx = self.weights[i], self.indices[i]
+                    bview.copy_(w.detach().reshape(-1)[idx])
+                    view.copy_(patched_values(w, idx, patch.layers[i].deltas))
                     self.values[i] = view
                 self.flat.append(bits_view(flat))
                 self.expect.append(bits_view(base))
@@ -421,7 +435,7 @@ class SparsePatch:
     def verify(self, model: nn.Module, strict: bool = True) -> None:
         """Check the whole patch against ``model`` (weights exist, shapes, dtypes, and with ``strict`` the
         base fingerprint); raises :class:`PatchMismatchError`, writes nothing."""
-        _Binding(model, self, strict, verify_full=False)
+        check_targets(model, self, strict)
 
     def _binding(self, model: nn.Module, strict: bool, verify: str) -> _Binding:
         b = self._bindings.get(model)
@@ -472,10 +486,7 @@ class SparsePatch:
                 # The bits under the patch changed without a version bump (an edit through .data):
                 # undo, then check the whole base afresh.
                 b.swap()
-                del self._bindings[model]
-                for w in b.weights:
-                    _forget_digest(w)
-                b = self._binding(model, strict, "full")
+                b = self._binding(model, strict, "full")  # forgets the old digests and re-hashes
                 b.swap()
             b.versions_applied = b._versions()
             _APPLIED.setdefault(model, []).append((self, b))

@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import backends, ops
 from .budget import ALLOCATIONS, _check_sparsity, budgets_for, find_targets
 from .modules import PatchedWeight, SAMLayer, delta_dtype, sam_class
+from .patchfile import index_dtype
 from .reference import DELTA_GRAD_MODES, bits_view
 
 __all__ = ["SAMConfig", "SAMHandle", "patch", "unpatch", "patched", "resume", "NORM_MODES"]
@@ -251,7 +252,7 @@ class SAMHandle:
             p = pw.weight.numel()
             owner_cls = pw.owner._sam_base if isinstance(pw.owner, SAMLayer) else type(pw.owner)
             rows.append({"name": name, "type": owner_cls.__name__, "d_in": pw.d_in, "d_out": pw.d_out, "k": pw.k, "p": p, "gamma_k": pw.k / p,
-                         "bytes": pw.k * ((8 if p > _INT32_MAX else 4) + pw.delta.element_size()),
+                         "bytes": pw.k * (index_dtype(p).itemsize + pw.delta.element_size()),
                          "tied": len(pw.names)})
         return rows
 
@@ -281,9 +282,6 @@ class SAMHandle:
     def unpatch(self) -> nn.Module:
         """Put everything back (same as :func:`unpatch`)."""
         return unpatch(self.model)
-
-
-_INT32_MAX = 2**31 - 1
 
 
 def _refresh_after_step(handle: SAMHandle):

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import backends, patchfile
 from .patchfile import PatchMismatchError, SparsePatch
-from .reference import check_swap_args, sam_weight_forward_ref
+from .reference import check_swap_args
 
 __all__ = ["PatchServer"]
 
@@ -62,41 +62,19 @@ def _model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-def _resolve(model: nn.Module, name: str) -> Tensor:
-    """The tensor a patch layer modifies: ``name`` is a parameter's qualified name (``"enc.0.weight"``)
-    or a module's (``"enc.0"``, its ``weight`` implied)."""
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        pass
-    try:
-        w = model.get_submodule(name).weight
-    except AttributeError:
-        raise PatchMismatchError(f"patch layer '{name}' does not exist in the model ({type(model).__name__})") from None
-    if not isinstance(w, Tensor):
-        raise PatchMismatchError(f"patch layer '{name}' has no weight tensor in the model")
-    return w
-
-
 class _Table:
-    """One patch, ready to switch: per modified tensor its int32 indices and the patched values
+    """One patch, ready to switch: per modified tensor its indices and the patched values
     ``W + v`` there (``(k,)`` each, on the weight's device). Swapping them with the weights is
     self-inverse: one swap switches the patch in, the next switches it out, bit for bit."""
 
     def __init__(self, model: nn.Module, patch: SparsePatch):
-        patch.verify(model, strict=True)  # weights exist, shapes, dtypes, base fingerprint
+        # Weights exist as distinct Parameters, shapes, dtypes, one device, base fingerprint.
+        _, self.weights = patchfile.check_targets(model, patch, strict=True)
         self.names = [layer.name for layer in patch.layers]
-        self.weights = [_resolve(model, name) for name in self.names]
-        if len({id(w) for w in self.weights}) != len(self.weights):
-            raise PatchMismatchError("two layers of the patch modify the same tensor (tied weights)")
-        self.indices, self.values = [], []
-        for layer, w in zip(patch.layers, self.weights):
-            idx = layer.indices.to(device=w.device, dtype=torch.int32).clone()
-            base = w.detach().reshape(-1)[idx.long()]
-            # The arithmetic of SparsePatch.apply (and of the patched forward), so the bits agree.
-            vals = sam_weight_forward_ref(base, torch.ones_like(base, dtype=torch.bool), layer.deltas.to(w.device))
-            self.indices.append(idx)
-            self.values.append(vals.contiguous())
+        # Own copies (indices int32, or int64 for tensors past the int32 limit), so the patch can go.
+        self.indices = [layer.indices.to(w.device).clone() for layer, w in zip(patch.layers, self.weights)]
+        self.values = [patchfile.patched_values(w, idx, layer.deltas).contiguous()
+                       for layer, w, idx in zip(patch.layers, self.weights, self.indices)]
         check_swap_args(self.weights, self.indices, self.values, self.names)  # once, not at every switch
         self.versions = [w._version for w in self.weights]
         self.nbytes = sum(t.numel() * t.element_size() for t in self.indices + self.values)

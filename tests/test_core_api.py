@@ -93,6 +93,19 @@ def trained_patch(model, seed=0, sparsity=0.05):
     return patch
 
 
+def assert_same_patch(a, b):
+    """Same entries, same indices, same delta bits."""
+    assert [l.name for l in a.layers] == [l.name for l in b.layers]
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.indices, lb.indices) and torch.equal(raw_bits(la.deltas), raw_bits(lb.deltas))
+
+
+def applied_bits(patch, model):
+    """The model's state bits while ``patch`` is applied (removed again after)."""
+    with patch.applied(model):
+        return state_bits(model)
+
+
 def test_apply_while_patched_and_patch_while_applied():
     torch.manual_seed(0)
     model = PaperAutoEncoder(w=4)
@@ -211,8 +224,7 @@ def test_state_dict_resumes_bit_identically_in_another_process(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     there = sparse_sam.load_patch(tmp_path / "resumed.sam")
     assert here.fingerprint == there.fingerprint
-    for a, b in zip(here.layers, there.layers):
-        assert torch.equal(a.indices, b.indices) and torch.equal(raw_bits(a.deltas), raw_bits(b.deltas))
+    assert_same_patch(here, there)
     assert there.config["sparsity"] == 0.05 and there.config["seed"] == 3
 
 
@@ -241,10 +253,7 @@ def test_switch_between_patches_in_place():
     model = PaperAutoEncoder(w=4)
     base = state_bits(model)
     pa, pb = trained_patch(model, seed=1), trained_patch(model, seed=2)
-    with pa.applied(model):
-        on_a = state_bits(model)
-    with pb.applied(model):
-        on_b = state_bits(model)
+    on_a, on_b = applied_bits(pa, model), applied_bits(pb, model)
     sparse_sam.switch(model, pa)
     assert_same_bits(on_a, state_bits(model))
     sparse_sam.switch(model, pb)
@@ -263,8 +272,7 @@ def test_merge_is_permanent():
     torch.manual_seed(5)
     model = PaperAutoEncoder(w=4)
     patch = trained_patch(model)
-    with patch.applied(model):
-        on = state_bits(model)
+    on = applied_bits(patch, model)
     patch.merge(model)
     assert sparse_sam.applied_patch(model) is None
     assert_same_bits(on, state_bits(model))
@@ -285,10 +293,7 @@ def test_wide_indices_round_trip(monkeypatch, tmp_path):
     patch.save(tmp_path / "w.sam")
     loaded = sparse_sam.load_patch(tmp_path / "w.sam")
     assert [l.indices.dtype for l in loaded.layers] == [torch.int64, torch.int32]
-    with patch.applied(model):
-        on = state_bits(model)
-    with loaded.applied(model):
-        assert_same_bits(on, state_bits(model))
+    assert_same_bits(applied_bits(patch, model), applied_bits(loaded, model))
     assert_same_bits(before, state_bits(model))
     layer = patch.layers[0]
     bad = patchfile.PatchLayer(layer.name, layer.shape, layer.dtype, layer.indices.to(torch.int32), layer.deltas)
@@ -314,13 +319,10 @@ def test_version_1_files_still_load(tmp_path):
     save_file(tensors, tmp_path / "v1.sam", metadata={"sparse_sam": json.dumps(meta)})
     old = sparse_sam.load_patch(tmp_path / "v1.sam")
     assert [l.name for l in old.layers] == [l.name for l in patch.layers]
-    with patch.applied(model):
-        on = state_bits(model)
-    with old.applied(model):
-        assert_same_bits(on, state_bits(model))
+    on = applied_bits(patch, model)
+    assert_same_bits(on, applied_bits(old, model))
     old.save(tmp_path / "v2.sam")  # re-saved as version 2, still fingerprinted under the module names
-    with sparse_sam.load_patch(tmp_path / "v2.sam").applied(model):
-        assert_same_bits(on, state_bits(model))
+    assert_same_bits(on, applied_bits(sparse_sam.load_patch(tmp_path / "v2.sam"), model))
 
 
 DDP = textwrap.dedent('''
@@ -350,8 +352,7 @@ def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     a, b = (sparse_sam.load_patch(tmp_path / f"rank{r}") for r in range(2))
     assert a.num_modified > 0
-    for la, lb in zip(a.layers, b.layers):
-        assert torch.equal(la.indices, lb.indices) and torch.equal(raw_bits(la.deltas), raw_bits(lb.deltas))
+    assert_same_patch(a, b)
     assert any(bool(l.deltas.abs().sum() > 0) for l in a.layers)
 
 
@@ -362,13 +363,11 @@ def test_a_copied_or_edited_patch_is_prepared_afresh():
     torch.manual_seed(8)
     model = PaperAutoEncoder(w=4)
     patch = trained_patch(model)
-    with patch.applied(model):
-        on = state_bits(model)
+    on = applied_bits(patch, model)
     other = copy.copy(patch)
     other.layers = [patchfile.PatchLayer(l.name, l.shape, l.dtype, l.indices, l.deltas * 2, l.names)
                     for l in patch.layers]
-    with other.applied(model):
-        on2 = state_bits(model)
+    on2 = applied_bits(other, model)
     assert any(not torch.equal(on[k], on2[k]) for k in on)
     with patch.applied(model):  # the original still switches its own values
         assert_same_bits(on, state_bits(model))
