@@ -9,13 +9,15 @@ to write computed once), so the comparison is pure switching cost. The plain loo
     ...                                           # and back: flat.index_copy_(0, idx, saved)
 
 (the strongest plain-PyTorch version we found; ``flat[idx] = new`` is also timed and the faster of the
-two is the baseline). Rounds alternate between the providers; the median of each is reported.
+two is the baseline). Each provider switches its own copy of the model. Rounds alternate between
+the providers; the median of each is reported.
 
 Usage: ``python benchmarks/switching.py [--rounds 200] [--out FILE]``
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -81,7 +83,11 @@ def measure(rounds: int, reps: int = 20) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     patch = make_patch(model)
     before = [model.get_parameter(l.name).detach().clone() for l in patch.layers]
-    loops = {v: plain_loop(model, patch, v) for v in ("index_copy", "index_put")}
+    # Each provider switches its own copy of the model, as a user would switch theirs: the plain loop's
+    # writes bump the version counters of the weights it writes, and sparse_sam (rightly) re-verifies a
+    # base that someone else wrote to. Interleaved on one model, every sparse_sam cycle would re-bind.
+    copies = {v: copy.deepcopy(model) for v in ("index_copy", "index_put")}
+    loops = {v: plain_loop(copies[v], patch, v) for v in copies}
     patch.apply(model)  # first apply: validation, hash, preparation (not part of switching)
     patch.remove(model)
 
@@ -97,8 +103,9 @@ def measure(rounds: int, reps: int = 20) -> dict:
             for _ in range(reps):
                 fn()
             times[name].append((time.perf_counter() - t0) / reps * 1e3)
-    for l, b in zip(patch.layers, before):  # every provider left the base exact
-        assert torch.equal(model.get_parameter(l.name).detach().view(torch.int32), b.view(torch.int32))
+    for m in (model, *copies.values()):  # every provider left the base exact
+        for l, b in zip(patch.layers, before):
+            assert torch.equal(m.get_parameter(l.name).detach().view(torch.int32), b.view(torch.int32))
     med = {c: statistics.median(v) for c, v in times.items()}
     best_plain = min((c for c in med if c.startswith("plain")), key=med.get)
     return {"params": n_params, "weights": len(patch.layers), "entries": patch.num_modified, "median_ms": med,

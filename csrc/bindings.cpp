@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "sparse_sam.h"
+#include "cpu/swap_plan.h"
 
 // Lets the ahead-of-time build be imported as the Python module sparse_sam._C; importing it runs the
 // static registrations below. The module itself has no attributes.
@@ -20,6 +21,14 @@ TORCH_LIBRARY(sparse_sam, m) {
       "sam_weight_backward(Tensor grad, Tensor mask, Tensor delta, ScalarType scores_dtype, bool dense)"
       " -> (Tensor, Tensor)");
   m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
+  // swap_ prepared once for a patch on the CPU (csrc/cpu/swap_plan.h): SwapPlan(weights, indices, values,
+  // expect, bump_versions); .swap(check) -> bool, .unchanged() -> bool, .versions() -> int[].
+  m.class_<sparse_sam::SwapPlanCpu>("SwapPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, bool>())
+      .def("swap", &sparse_sam::SwapPlanCpu::swap)
+      .def("unchanged", &sparse_sam::SwapPlanCpu::unchanged)
+      .def("versions", &sparse_sam::SwapPlanCpu::versions);
   // The cache of large CPU output blocks (csrc/cpu/alloc.cpp): {cached bytes, limit bytes, hits, misses}.
   m.def("cpu_cache_stats() -> int[]", &sparse_sam::cpu_cache_stats);
   m.def("cpu_cache_clear() -> ()", &sparse_sam::cpu_cache_clear);

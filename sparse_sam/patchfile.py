@@ -25,8 +25,12 @@ Version 1 files (names of modules, weight implied; int32 indices) still load.
 Switching cost
 --------------
 The first :meth:`SparsePatch.apply` to a model validates the patch against it, hashes the base weights
-(O(N)) and prepares the values to write. Later apply/remove cycles on the same model are O(k): one native
-swap call for all weights, with no per-weight Python checks. Between cycles the base is trusted unchanged
+(O(N)) and prepares the values to write; on the CPU it also makes one native swap plan
+(``torch.classes.sparse_sam.SwapPlan``, csrc/cpu/swap_plan.h) that validates the indices once. Later
+apply/remove cycles on the same model are O(k): one native call for all weights, with no per-weight
+argument checks, which also compares the base bits it takes out with the verified ones in the same pass.
+Each switch bumps the weights' version counters, as any in-place write does, so autograd refuses to
+backpropagate through a graph that saved the weights before the switch. Between cycles the base is trusted unchanged
 only while every weight keeps its identity, storage and version counter *and* the bits at the patch's
 positions equal the ones the first apply verified; an edit through ``.data`` (which bypasses the version
 counter) at those positions is caught and leads to a full re-hash. ``apply(model, verify="full")``
@@ -117,12 +121,13 @@ def _forget_digest(w: Tensor) -> None:
         _FP_CACHE.pop(id(w), None)
 
 
-def _keep_digest(w: Tensor) -> None:
-    """Re-register ``w``'s cached digest at its current version (its bits are the hashed ones)."""
-    hit = _FP_CACHE.get(id(w))
-    if hit is not None and hit[0]() is w:
-        with _FP_LOCK:
-            _FP_CACHE[id(w)] = (hit[0], w._version, w.data_ptr(), hit[3])
+def _keep_digests(weights: list[Tensor]) -> None:
+    """Re-register each weight's cached digest at its current version (its bits are the hashed ones)."""
+    with _FP_LOCK:
+        for w in weights:
+            hit = _FP_CACHE.get(id(w))
+            if hit is not None and hit[0]() is w:
+                _FP_CACHE[id(w)] = (hit[0], w._version, w.data_ptr(), hit[3])
 
 
 def fingerprint(named_weights: list[tuple[str, Tensor]], fresh: bool = False) -> str:
@@ -171,16 +176,6 @@ def _resolve(model: nn.Module, name: str) -> tuple[list[tuple[nn.Module, str]], 
                                  f"parameter '{attr}'")
     chain.append((m, attr))
     return chain, p
-
-
-def _chain_intact(model: nn.Module, chain: list[tuple[nn.Module, str]], p: Tensor) -> bool:
-    m = model
-    for parent, key in chain[:-1]:
-        if parent is not m:
-            return False
-        m = parent._modules.get(key)
-    owner, attr = chain[-1]
-    return owner is m and owner._parameters.get(attr) is p
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:
@@ -241,6 +236,13 @@ def patched_values(weight: Tensor, indices: Tensor, deltas: Tensor) -> Tensor:
     return sam_weight_forward_ref(base, torch.ones_like(base, dtype=torch.bool), deltas.to(weight.device))
 
 
+def _has_swap_plan() -> bool:
+    try:
+        return hasattr(torch.classes.sparse_sam, "SwapPlan")
+    except RuntimeError:  # no such namespace: the extension is not loaded
+        return False
+
+
 class _Binding:
     """A patch prepared for one model: resolved weights, the values to write, and the state the fast
     path trusts. While not applied, ``values[l]`` hold ``W + v`` at ``indices[l]``; while applied, the
@@ -253,6 +255,7 @@ class _Binding:
         self.indices = [layer.indices.to(device) for layer in patch.layers]
         # One flat buffer per dtype for the values, one for the base bits expected under them.
         self.values, self.flat, self.expect = [None] * len(self.weights), [], []
+        base_views: list[Tensor | None] = [None] * len(self.weights)
         groups: dict[torch.dtype, list[int]] = {}
         for i, w in enumerate(self.weights):
             groups.setdefault(w.dtype, []).append(i)
@@ -265,11 +268,21 @@ class _Binding:
                     w, idx = self.weights[i], self.indices[i]
                     bview.copy_(w.detach().reshape(-1)[idx])
                     view.copy_(patched_values(w, idx, patch.layers[i].deltas))
-                    self.values[i] = view
+                    self.values[i], base_views[i] = view, bview
                 self.flat.append(bits_view(flat))
                 self.expect.append(bits_view(base))
         check_swap_args(self.weights, self.indices, self.values, [l.name for l in patch.layers])
         _, self.impl = backends.resolve("swap_", self.weights[0]) if self.weights else (None, None)
+        # On the cpp backend, one native plan (csrc/cpu/swap_plan.h) validated here: each switch is then
+        # one call with no per-weight argument handling, and it checks the base bits in the same pass.
+        self.plan, self.edges = None, None
+        if (self.weights and device.type == "cpu" and getattr(self.impl, "__name__", "") == "sparse_sam._ext.cpp"
+                and _has_swap_plan()):
+            # Own copies of the indices: the plan validated these, so a later edit of the patch's cannot
+            # reach the weights unchecked.
+            self.indices = [i.clone() for i in self.indices]
+            self.plan = torch.classes.sparse_sam.SwapPlan(list(self.weights), self.indices, self.values,
+                                                          base_views, True)
         self.versions = self._versions()  # as of the last time the base was known to be intact
         self.source = _source(patch)  # the patch content it was prepared from
         self.versions_applied: list[tuple[int, int]] | None = None  # right after the last apply
@@ -277,15 +290,44 @@ class _Binding:
     def _versions(self) -> list[tuple[int, int]]:
         return [(w._version, w.data_ptr()) for w in self.weights]
 
+    def chains_intact(self, model: nn.Module) -> bool:
+        """Every weight is still the model's Parameter at its name. Checks each (module, child) edge of
+        the chains once: patched weights share most of their path from the model."""
+        if self.edges is None:
+            edges: dict[tuple[int, str], tuple[nn.Module, str, object]] = {}
+            for chain, w in zip(self.chains, self.weights):
+                *path, (owner, attr) = chain
+                mods = [m for m, _ in path[1:]] + [owner]
+                for (parent, key), child in zip(path, mods):
+                    edges[(id(parent), key)] = (parent, key, child)
+            self.edges = list(edges.values())
+            self.params = [(chain[-1][0], chain[-1][1], w) for chain, w in zip(self.chains, self.weights)]
+        if self.chains and self.chains[0][0][0] is not model:
+            return False
+        return (all(parent._modules.get(key) is child for parent, key, child in self.edges)
+                and all(owner._parameters.get(attr) is w for owner, attr, w in self.params))
+
     def intact(self, model: nn.Module) -> bool:
         """O(L): same Parameters at the same places, same storage, unchanged version counters."""
-        return (all(_chain_intact(model, c, w) for c, w in zip(self.chains, self.weights))
-                and self._versions() == self.versions)
+        if not self.chains_intact(model):
+            return False
+        return self.plan.unchanged() if self.plan is not None else self._versions() == self.versions
 
-    def swap(self) -> None:
-        if self.weights:
-            with torch.no_grad():
-                self.impl.swap_(self.weights, self.indices, self.values)
+    def unchanged_since_swap(self) -> bool:
+        """No weight written or reallocated since the last swap (remove() asks this about the apply)."""
+        return self.plan.unchanged() if self.plan is not None else self._versions() == self.versions_applied
+
+    def swap(self, check: bool = False) -> bool:
+        """Exchange values and weights; with ``check``, returns whether the bits taken out of the weights
+        are the verified base bits (always True without)."""
+        if not self.weights:
+            return True
+        if self.plan is not None:
+            return self.plan.swap(check)
+        with torch.no_grad():
+            self.impl.swap_(self.weights, self.indices, self.values)
+        self.versions_applied = self.versions = self._versions()
+        return not check or self.base_bits_ok()
 
     def base_bits_ok(self) -> bool:
         """After an apply: the bits the swap took out of the weights are the verified base bits."""
@@ -356,6 +398,17 @@ class SparsePatch:
         new.__dict__.update(self.__dict__)
         new.layers = list(self.layers)
         new._bindings = weakref.WeakKeyDictionary()  # prepared state belongs to one object
+        return new
+
+    def __deepcopy__(self, memo) -> "SparsePatch":
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_bindings":  # prepared state belongs to one object and its models
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._bindings = weakref.WeakKeyDictionary()
         return new
 
     def _fingerprint_of(self, weights: list[Tensor], fresh: bool = False) -> str:
@@ -481,14 +534,12 @@ class SparsePatch:
                     raise PatchMismatchError("another patch is already applied to this model; remove it first "
                                              "(or use sparse_sam.switch(model, patch), or stack=True)")
             b = self._binding(model, strict, verify)
-            b.swap()
-            if strict and not b.base_bits_ok():
+            if not b.swap(check=strict):
                 # The bits under the patch changed without a version bump (an edit through .data):
                 # undo, then check the whole base afresh.
                 b.swap()
                 b = self._binding(model, strict, "full")  # forgets the old digests and re-hashes
                 b.swap()
-            b.versions_applied = b._versions()
             _APPLIED.setdefault(model, []).append((self, b))
         return model
 
@@ -501,18 +552,16 @@ class SparsePatch:
                     raise PatchMismatchError("patches stacked on this model must be removed in reverse order")
                 raise PatchMismatchError("this patch is not applied to this model")
             b = stack[-1][1]
-            if not all(_chain_intact(model, c, w) for c, w in zip(b.chains, b.weights)):
+            if not b.chains_intact(model):
                 raise PatchMismatchError("a patched weight was replaced while the patch was applied; cannot "
                                          "restore it")
-            untouched = b._versions() == b.versions_applied
+            untouched = b.unchanged_since_swap()
             b.swap()
             stack.pop()
             if not stack:
                 del _APPLIED[model]
             if untouched:  # the base bits are back: the cached digests and the fast path stay valid
-                for w in b.weights:
-                    _keep_digest(w)
-                b.versions = b._versions()
+                _keep_digests(b.weights)
             else:  # the weights were edited while applied: next apply re-hashes them
                 for w in b.weights:
                     _forget_digest(w)

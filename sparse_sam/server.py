@@ -77,6 +77,9 @@ class _Table:
                        for layer, w, idx in zip(patch.layers, self.weights, self.indices)]
         check_swap_args(self.weights, self.indices, self.values, self.names)  # once, not at every switch
         self.versions = [w._version for w in self.weights]
+        # The base bits' digests (cached by the fingerprint check above): a version bump that leaves
+        # them intact, e.g. a SparsePatch applied and removed, is not a change of the base.
+        self.digests = [patchfile._weight_digest(w) for w in self.weights]
         self.nbytes = sum(t.numel() * t.element_size() for t in self.indices + self.values)
         self.impl = backends.resolve("swap_", self.weights[0])[1] if self.weights else None
 
@@ -244,7 +247,11 @@ class PatchServer:
         for g in groups:
             if g is not None:
                 t = self._tables[g]
-                for name, w, v in zip(t.names, t.weights, t.versions):
-                    if w._version != v:
+                for i, (name, w, v) in enumerate(zip(t.names, t.weights, t.versions)):
+                    if w._version == v:
+                        continue
+                    if patchfile._weight_digest(w) == t.digests[i]:  # O(1) after a patch's remove()
+                        t.versions[i] = w._version
+                    else:
                         raise PatchMismatchError(f"patch {g!r}: the base weight of '{name}' changed since "
                                                  "it was added; the patch no longer fits them")

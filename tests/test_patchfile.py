@@ -186,3 +186,109 @@ def test_sizes_and_ratio(trained):
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert patch.ratio(model) == pytest.approx(patch.nbytes / model_bytes)
     assert compact.nbytes < patch.nbytes
+
+
+# ------------------------------------------------------------------ the prepared CPU switch (SwapPlan)
+def _plan(patch, model):
+    return patch._bindings[model].plan
+
+
+def test_switching_uses_one_prepared_plan_and_bumps_versions(trained):
+    model, patch, _ = trained
+    base = state_bits(model)
+    with patch.applied(model):
+        on = state_bits(model)
+    plan = _plan(patch, model)
+    if plan is None:
+        pytest.skip("the compiled extension is not loaded: switching runs on the torch backend")
+    w = model.get_parameter(patch.layers[0].name)
+    for _ in range(3):  # later cycles reuse the plan, exactly
+        v0 = w._version
+        patch.apply(model)
+        assert _plan(patch, model) is plan and w._version > v0
+        assert_same_bits(on, state_bits(model))
+        patch.remove(model)
+        assert_same_bits(base, state_bits(model))
+
+
+def test_a_switch_invalidates_what_autograd_saved(trained):
+    """Switching is an in-place write: a graph that saved the old weights must not backprop silently."""
+    model, patch, _ = trained
+    patch.apply(model)
+    patch.remove(model)
+    x = torch.rand(2, 3, 32, 32)
+    y = model(x).sum()
+    patch.apply(model)
+    try:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    finally:
+        patch.remove(model)
+
+
+def test_reallocated_weight_is_rebound_not_written_blind(trained):
+    model, patch, _ = trained
+    with patch.applied(model):
+        on = state_bits(model)
+    base = state_bits(model)
+    w = model.get_parameter(patch.layers[0].name)
+    old_plan = _plan(patch, model)
+    w.data = w.data.clone()  # new storage, same bits, no version bump on the old alias
+    with patch.applied(model):
+        assert_same_bits(on, state_bits(model))
+        if old_plan is not None:
+            assert _plan(patch, model) is not old_plan
+    assert_same_bits(base, state_bits(model))
+
+
+def test_editing_patch_indices_after_preparing_cannot_reach_the_weights(trained):
+    model, patch, _ = trained
+    with patch.applied(model):
+        on = state_bits(model)
+    if _plan(patch, model) is None:
+        pytest.skip("the compiled extension is not loaded")
+    patch.layers[0].indices[0] = 10**9  # out of range; the prepared plan holds its own checked copy
+    with patch.applied(model):
+        assert_same_bits(on, state_bits(model))
+
+
+def test_swap_plan_validates_before_writing():
+    if not hasattr(torch.ops.sparse_sam, "swap_"):
+        pytest.skip("the compiled extension is not loaded")
+    from sparse_sam import _ext
+
+    _ext.load()
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(37, generator=g), torch.randn(5, 7, generator=g)]
+    before = [w.clone() for w in ws]
+    good = [torch.tensor([0, 9, 36], dtype=torch.int32), torch.tensor([2, 34], dtype=torch.int64)]
+    vals = [torch.randn(3, generator=g), torch.randn(2, generator=g)]
+    for bad in ([torch.tensor([0, 9, 37], dtype=torch.int32), good[1]],   # out of range
+                [good[0], torch.tensor([34, 2], dtype=torch.int64)]):    # unsorted
+        with pytest.raises(ValueError, match="layer #"):
+            torch.classes.sparse_sam.SwapPlan(ws, bad, vals, [], True)
+        assert all(torch.equal(a, b) for a, b in zip(ws, before))
+    expect = [w.reshape(-1)[i].clone() for w, i in zip(ws, good)]
+    plan = torch.classes.sparse_sam.SwapPlan(ws, good, [v.clone() for v in vals], expect, True)
+    assert plan.swap(True)  # the bits taken out are the expected base bits
+    for w, i, v in zip(ws, good, vals):
+        assert torch.equal(w.reshape(-1)[i].view(torch.int32), v.view(torch.int32))
+    assert plan.swap(False) and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, before))
+    ws[1].view(-1)[34] += 1.0  # the base changed under the patch
+    assert not plan.unchanged()
+    assert not plan.swap(True)
+    plan.swap(False)
+
+
+def test_copies_of_a_prepared_patch_switch_on_their_own(trained):
+    import copy
+
+    model, patch, _ = trained
+    with patch.applied(model):
+        on = state_bits(model)
+    base = state_bits(model)
+    for twin in (copy.copy(patch), copy.deepcopy(patch)):
+        assert not twin._bindings
+        with twin.applied(model):
+            assert_same_bits(on, state_bits(model))
+        assert_same_bits(base, state_bits(model))

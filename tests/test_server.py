@@ -176,11 +176,19 @@ def test_changed_base_or_applied_patch_is_refused(setup):
     with patches["VH"].applied(model):
         with pytest.raises(PatchMismatchError, match="applied"):
             server(x, ["VA", None])
+    # A patch applied and removed bumps the version counters but restores the bits: still served.
+    _assert_exact(server(x, ["VA", None]), _reference(model, patches, x, ["VA", None]))
     w = model.encoder[0].weight
     with torch.no_grad():
-        w.add_(0.0)  # same bits, but an in-place write the server must notice
+        w.add_(0.0)  # an in-place write of the same bits: re-hashed, still the base
+    _assert_exact(server(x, ["VA", None]), _reference(model, patches, x, ["VA", None]))
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0  # a real change of the base
     with pytest.raises(PatchMismatchError, match="changed"):
         server(x, ["VA", None])
+    with torch.no_grad():
+        w.copy_(saved)
     server2 = PatchServer(model, patches)  # re-added patches fit again
     _assert_exact(server2(x, ["VA", None]), _reference(model, patches, x, ["VA", None]))
 
