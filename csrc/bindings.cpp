@@ -22,13 +22,12 @@ TORCH_LIBRARY(sparse_sam, m) {
       " -> (Tensor, Tensor)");
   m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
   // swap_ prepared once for a patch on the CPU (csrc/cpu/swap_plan.h): SwapPlan(weights, indices, values,
-  // expect, bump_versions); .swap(check) -> bool, .unchanged() -> bool, .versions() -> int[].
+  // expect, bump_versions); .swap(check) -> bool, .unchanged() -> bool.
   m.class_<sparse_sam::SwapPlanCpu>("SwapPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, bool>())
       .def("swap", &sparse_sam::SwapPlanCpu::swap)
-      .def("unchanged", &sparse_sam::SwapPlanCpu::unchanged)
-      .def("versions", &sparse_sam::SwapPlanCpu::versions);
+      .def("unchanged", &sparse_sam::SwapPlanCpu::unchanged);
   // The cache of large CPU output blocks (csrc/cpu/alloc.cpp): {cached bytes, limit bytes, hits, misses}.
   m.def("cpu_cache_stats() -> int[]", &sparse_sam::cpu_cache_stats);
   m.def("cpu_cache_clear() -> ()", &sparse_sam::cpu_cache_clear);

@@ -275,7 +275,7 @@ class _Binding:
         _, self.impl = backends.resolve("swap_", self.weights[0]) if self.weights else (None, None)
         # On the cpp backend, one native plan (csrc/cpu/swap_plan.h) validated here: each switch is then
         # one call with no per-weight argument handling, and it checks the base bits in the same pass.
-        self.plan, self.edges = None, None
+        self.plan = None
         if (self.weights and device.type == "cpu" and getattr(self.impl, "__name__", "") == "sparse_sam._ext.cpp"
                 and _has_swap_plan()):
             # Own copies of the indices: the plan validated these, so a later edit of the patch's cannot
@@ -283,6 +283,14 @@ class _Binding:
             self.indices = [i.clone() for i in self.indices]
             self.plan = torch.classes.sparse_sam.SwapPlan(list(self.weights), self.indices, self.values,
                                                           base_views, True)
+        # The (module, child name, child) edges of all chains, each once (weights share most of their
+        # path from the model), and each weight's (owner, attribute): what chains_intact() checks.
+        edges: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        for chain in self.chains:
+            for (parent, key), (child, _) in zip(chain, chain[1:]):
+                edges[(id(parent), key)] = (parent, key, child)
+        self.edges = list(edges.values())
+        self.params = [(chain[-1][0], chain[-1][1], w) for chain, w in zip(self.chains, self.weights)]
         self.versions = self._versions()  # as of the last time the base was known to be intact
         self.source = _source(patch)  # the patch content it was prepared from
         self.versions_applied: list[tuple[int, int]] | None = None  # right after the last apply
@@ -291,17 +299,7 @@ class _Binding:
         return [(w._version, w.data_ptr()) for w in self.weights]
 
     def chains_intact(self, model: nn.Module) -> bool:
-        """Every weight is still the model's Parameter at its name. Checks each (module, child) edge of
-        the chains once: patched weights share most of their path from the model."""
-        if self.edges is None:
-            edges: dict[tuple[int, str], tuple[nn.Module, str, object]] = {}
-            for chain, w in zip(self.chains, self.weights):
-                *path, (owner, attr) = chain
-                mods = [m for m, _ in path[1:]] + [owner]
-                for (parent, key), child in zip(path, mods):
-                    edges[(id(parent), key)] = (parent, key, child)
-            self.edges = list(edges.values())
-            self.params = [(chain[-1][0], chain[-1][1], w) for chain, w in zip(self.chains, self.weights)]
+        """Every weight is still the model's Parameter at its name (each shared edge checked once)."""
         if self.chains and self.chains[0][0][0] is not model:
             return False
         return (all(parent._modules.get(key) is child for parent, key, child in self.edges)

@@ -193,11 +193,16 @@ def _plan(patch, model):
     return patch._bindings[model].plan
 
 
-def test_switching_uses_one_prepared_plan_and_bumps_versions(trained):
-    model, patch, _ = trained
-    base = state_bits(model)
+def _on_and_base(model, patch):
+    """The model's state bits with ``patch`` applied, then after it is removed."""
     with patch.applied(model):
         on = state_bits(model)
+    return on, state_bits(model)
+
+
+def test_switching_uses_one_prepared_plan_and_bumps_versions(trained):
+    model, patch, _ = trained
+    on, base = _on_and_base(model, patch)
     plan = _plan(patch, model)
     if plan is None:
         pytest.skip("the compiled extension is not loaded: switching runs on the torch backend")
@@ -228,9 +233,7 @@ def test_a_switch_invalidates_what_autograd_saved(trained):
 
 def test_reallocated_weight_is_rebound_not_written_blind(trained):
     model, patch, _ = trained
-    with patch.applied(model):
-        on = state_bits(model)
-    base = state_bits(model)
+    on, base = _on_and_base(model, patch)
     w = model.get_parameter(patch.layers[0].name)
     old_plan = _plan(patch, model)
     w.data = w.data.clone()  # new storage, same bits, no version bump on the old alias
@@ -243,8 +246,7 @@ def test_reallocated_weight_is_rebound_not_written_blind(trained):
 
 def test_editing_patch_indices_after_preparing_cannot_reach_the_weights(trained):
     model, patch, _ = trained
-    with patch.applied(model):
-        on = state_bits(model)
+    on, _ = _on_and_base(model, patch)
     if _plan(patch, model) is None:
         pytest.skip("the compiled extension is not loaded")
     patch.layers[0].indices[0] = 10**9  # out of range; the prepared plan holds its own checked copy
@@ -284,9 +286,7 @@ def test_copies_of_a_prepared_patch_switch_on_their_own(trained):
     import copy
 
     model, patch, _ = trained
-    with patch.applied(model):
-        on = state_bits(model)
-    base = state_bits(model)
+    on, base = _on_and_base(model, patch)
     for twin in (copy.copy(patch), copy.deepcopy(patch)):
         assert not twin._bindings
         with twin.applied(model):

@@ -41,9 +41,9 @@ IndexStats index_stats(const I* idx, int64_t n) {
   return st;
 }
 
-// Exchanges entries [b, e) of a layer with n entries. With `expect` (may be null), also compares the bits
-// taken out of the weight with expect[j]; returns whether all of them matched.
-template <typename U, typename I>
+// Exchanges entries [b, e) of a layer with n entries. With kCheck, also compares the bits taken out of
+// the weight with expect[j]; returns whether all of them matched (always true without).
+template <bool kCheck, typename U, typename I>
 bool swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, const U* __restrict__ expect,
                int64_t b, int64_t e, int64_t n) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
@@ -51,16 +51,6 @@ bool swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val
   // to the layer's end, not the block's, and starts before the block's first entry.
   constexpr int64_t kAhead = 64;
   for (int64_t j = b; j < std::min(b + kAhead, n); ++j) __builtin_prefetch(w + idx[j], 1);
-  if (expect == nullptr) {
-    for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < n) __builtin_prefetch(w + idx[j + kAhead], 1);
-      U* p = w + idx[j];
-      const U old = *p;
-      *p = val[j];
-      val[j] = old;
-    }
-    return true;
-  }
   U differ = 0;
   for (int64_t j = b; j < e; ++j) {
     if (j + kAhead < n) __builtin_prefetch(w + idx[j + kAhead], 1);
@@ -68,9 +58,15 @@ bool swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val
     const U old = *p;
     *p = val[j];
     val[j] = old;
-    differ |= old ^ expect[j];
+    if constexpr (kCheck) differ |= old ^ expect[j];
   }
   return differ == 0;
+}
+
+template <typename U, typename I>
+bool swap_bits(U* w, const I* idx, U* val, const U* expect, int64_t b, int64_t e, int64_t n) {
+  return expect != nullptr ? swap_bits<true>(w, idx, val, expect, b, e, n)
+                           : swap_bits<false>(w, idx, val, expect, b, e, n);
 }
 
 template <typename U>

@@ -18,9 +18,9 @@ struct SwapPlanCpu : torch::CustomClassHolder {
               std::vector<at::Tensor> expect, bool bump_versions);
   bool swap(bool check);
   bool unchanged() const;
-  std::vector<int64_t> versions() const;
 
  private:
+  std::vector<int64_t> versions() const;
   std::vector<at::Tensor> weights_, indices_, values_, expect_;
   std::vector<const void*> storage_;
   std::vector<int64_t> numel_, start_, versions_;
