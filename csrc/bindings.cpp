@@ -22,7 +22,8 @@ TORCH_LIBRARY(sparse_sam, m) {
       " -> (Tensor, Tensor)");
   m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
   // swap_ prepared once for a patch on the CPU (csrc/cpu/swap_plan.h): SwapPlan(weights, indices, values,
-  // expect, bump_versions); .swap(check) -> bool, .unchanged() -> bool.
+  // expect, bump_versions); .swap(check, only_if_unchanged) -> int (kSkipped -1, or kUnchanged 1 | kMatched 2),
+  // .unchanged() -> bool.
   m.class_<sparse_sam::SwapPlanCpu>("SwapPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, bool>())

@@ -27,8 +27,10 @@ Switching cost
 The first :meth:`SparsePatch.apply` to a model validates the patch against it, hashes the base weights
 (O(N)) and prepares the values to write; on the CPU it also makes one native swap plan
 (``torch.classes.sparse_sam.SwapPlan``, csrc/cpu/swap_plan.h) that validates the indices once. Later
-apply/remove cycles on the same model are O(k): one native call for all weights, with no per-weight
-argument checks, which also compares the base bits it takes out with the verified ones in the same pass.
+apply/remove cycles on the same model are O(k): one native call per switch for all weights, with no
+per-weight argument checks, which checks the version counters first (writing nothing if a weight was
+written since the last switch) and compares the base bits it takes out with the verified ones in the
+same pass.
 Each switch bumps the weights' version counters, as any in-place write does, so autograd refuses to
 backpropagate through a graph that saved the weights before the switch. Between cycles the base is trusted unchanged
 only while every weight keeps its identity, storage and version counter *and* the bits at the patch's
@@ -40,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import operator
 import os
 import tempfile
 import threading
@@ -79,7 +83,7 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel > INT32_LIMIT else torch.int32
 
 
-@dataclass
+@dataclass(slots=True)  # slots: the switching fast path reads these fields with few memory touches
 class PatchLayer:
     """One patched Parameter: ``indices`` ``(k,)`` strictly increasing flat indices (int32, or int64 for
     weights of > 2^31 - 1 elements) into a weight of ``shape``/``dtype``, and ``deltas`` ``(k,)`` (float32,
@@ -100,15 +104,25 @@ class PatchLayer:
 
 # ----------------------------------------------------------------------------------- fingerprints
 # id(weight) -> (weakref, _version, data_ptr, digest): lets later checks skip re-hashing weights that
-# provably have not changed since they were hashed (remove() re-registers the restored bits).
+# provably have not changed since they were hashed.
 _FP_CACHE: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
+# id(weight) -> (weakref to a _Binding, position): a binding made with the base fingerprint checked knows
+# its weights' base digests. While its patch is off and no weight was written since its last swap, the
+# weight holds exactly those bits, whatever its version counter says (each switch bumps it), so a later
+# fingerprint need not re-hash. Asked lazily: a switch only flips a flag on the binding.
+_FP_KEEPER: dict[int, tuple[weakref.ref, int]] = {}
 _FP_LOCK = threading.Lock()
 
 
 def _weight_digest(w: Tensor, fresh: bool = False) -> bytes:
-    hit = None if fresh else _FP_CACHE.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
-        return hit[3]
+    if not fresh:
+        hit = _FP_CACHE.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
+            return hit[3]
+        keeper = _FP_KEEPER.get(id(w))
+        b = keeper[0]() if keeper is not None else None
+        if b is not None and b.weights[keeper[1]] is w and b.base_in_place():
+            return b.digests[keeper[1]]
     raw = w.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     digest = hashlib.sha256(raw).digest()
     with _FP_LOCK:
@@ -119,15 +133,17 @@ def _weight_digest(w: Tensor, fresh: bool = False) -> bytes:
 def _forget_digest(w: Tensor) -> None:
     with _FP_LOCK:
         _FP_CACHE.pop(id(w), None)
+        _FP_KEEPER.pop(id(w), None)
 
 
-def _keep_digests(weights: list[Tensor]) -> None:
-    """Re-register each weight's cached digest at its current version (its bits are the hashed ones)."""
+def _keep_digests(binding: "_Binding") -> None:
+    """Let ``binding`` answer for its weights' digests (see _FP_KEEPER), dropping keepers that died."""
+    ref = weakref.ref(binding)
     with _FP_LOCK:
-        for w in weights:
-            hit = _FP_CACHE.get(id(w))
-            if hit is not None and hit[0]() is w:
-                _FP_CACHE[id(w)] = (hit[0], w._version, w.data_ptr(), hit[3])
+        for key in [k for k, (r, _) in _FP_KEEPER.items() if r() is None]:
+            del _FP_KEEPER[key]
+        for i, w in enumerate(binding.weights):
+            _FP_KEEPER[id(w)] = (ref, i)
 
 
 def fingerprint(named_weights: list[tuple[str, Tensor]], fresh: bool = False) -> str:
@@ -186,9 +202,18 @@ def _equal(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _source(patch: "SparsePatch") -> list[tuple[str, int, int]]:
-    """Identity of a patch's content (a binding is reused only for the very tensors it was made from)."""
-    return [(l.name, id(l.indices), id(l.deltas)) for l in patch.layers]
+_SOURCE_FIELDS = operator.attrgetter("name", "indices", "deltas")
+
+
+def _source(patch: "SparsePatch") -> list:
+    """A patch's content as the objects it is made of: a binding is reused only for the very tensors it
+    was made from (compare with :func:`_same_source`)."""
+    return [x for layer in patch.layers for x in _SOURCE_FIELDS(layer)]
+
+
+def _same_source(patch: "SparsePatch", source: list) -> bool:
+    fields = [*itertools.chain.from_iterable(map(_SOURCE_FIELDS, patch.layers))]
+    return len(fields) == len(source) and all(map(operator.is_, fields, source))
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -234,6 +259,9 @@ def patched_values(weight: Tensor, indices: Tensor, deltas: Tensor) -> Tensor:
     computes it, so written values equal ``W_eff`` bit for bit."""
     base = weight.detach().reshape(-1)[indices]
     return sam_weight_forward_ref(base, torch.ones_like(base, dtype=torch.bool), deltas.to(weight.device))
+
+
+_MODULES, _PARAMETERS = operator.attrgetter("_modules"), operator.attrgetter("_parameters")
 
 
 def _has_swap_plan() -> bool:
@@ -289,11 +317,17 @@ class _Binding:
         for chain in self.chains:
             for (parent, key), (child, _) in zip(chain, chain[1:]):
                 edges[(id(parent), key)] = (parent, key, child)
-        self.edges = list(edges.values())
-        self.params = [(chain[-1][0], chain[-1][1], w) for chain, w in zip(self.chains, self.weights)]
-        self.versions = self._versions()  # as of the last time the base was known to be intact
+        # As columns, so that chains_intact() runs its lookups in C (map) rather than a Python loop.
+        self.edges = (*zip(*edges.values()),) if edges else ((), (), ())
+        self.params = ([c[-1][0] for c in self.chains], [c[-1][1] for c in self.chains], self.weights)
         self.source = _source(patch)  # the patch content it was prepared from
-        self.versions_applied: list[tuple[int, int]] | None = None  # right after the last apply
+        self.versions = self._versions()  # (without a plan) as of the last swap, or of now
+        # With the fingerprint checked, the base digests (the keeper of _FP_CACHE's entries while the base
+        # is in place); `removed`: the base is in place, as of the last swap or of now.
+        self.digests = [_weight_digest(w) for w in self.weights] if strict else None
+        self.removed = True
+        if strict:
+            _keep_digests(self)
 
     def _versions(self) -> list[tuple[int, int]]:
         return [(w._version, w.data_ptr()) for w in self.weights]
@@ -302,35 +336,49 @@ class _Binding:
         """Every weight is still the model's Parameter at its name (each shared edge checked once)."""
         if self.chains and self.chains[0][0][0] is not model:
             return False
-        return (all(parent._modules.get(key) is child for parent, key, child in self.edges)
-                and all(owner._parameters.get(attr) is w for owner, attr, w in self.params))
+        (parents, keys, children), (owners, attrs, weights) = self.edges, self.params
+        return (all(map(operator.is_, map(dict.get, map(_MODULES, parents), keys), children))
+                and all(map(operator.is_, map(dict.get, map(_PARAMETERS, owners), attrs), weights)))
 
-    def intact(self, model: nn.Module) -> bool:
-        """O(L): same Parameters at the same places, same storage, unchanged version counters."""
-        if not self.chains_intact(model):
-            return False
+    def unchanged(self) -> bool:
+        """No weight written or reallocated since the last swap (or since the binding was made)."""
         return self.plan.unchanged() if self.plan is not None else self._versions() == self.versions
 
-    def unchanged_since_swap(self) -> bool:
-        """No weight written or reallocated since the last swap (remove() asks this about the apply)."""
-        return self.plan.unchanged() if self.plan is not None else self._versions() == self.versions_applied
+    def base_in_place(self) -> bool:
+        """The weights hold the verified base bits (patch off, nothing written since)."""
+        return self.removed and self.unchanged()
 
-    def swap(self, check: bool = False) -> bool:
-        """Exchange values and weights; with ``check``, returns whether the bits taken out of the weights
-        are the verified base bits (always True without)."""
-        if not self.weights:
-            return True
+    def swap(self, check: bool = False, only_if_unchanged: bool = False) -> int:
+        """One switch: exchange values and weights. Returns _SKIPPED, writing nothing, when
+        ``only_if_unchanged`` and a weight was written or reallocated since the last swap; otherwise
+        _UNCHANGED if nothing was, plus _MATCHED if (with ``check``) the bits taken out of the weights are
+        the verified base bits (always without ``check``)."""
+        self.removed = not self.removed  # before the write: a concurrent fingerprint must not trust it
         if self.plan is not None:
-            return self.plan.swap(check)
-        with torch.no_grad():
-            self.impl.swap_(self.weights, self.indices, self.values)
-        self.versions_applied = self.versions = self._versions()
-        return not check or self.base_bits_ok()
+            status = self.plan.swap(check, only_if_unchanged)
+        elif not self.weights:
+            status = _UNCHANGED | _MATCHED
+        else:
+            status = _UNCHANGED if self._versions() == self.versions else 0
+            if only_if_unchanged and not status:
+                status = _SKIPPED
+            else:
+                with torch.no_grad():
+                    self.impl.swap_(self.weights, self.indices, self.values)
+                self.versions = self._versions()
+                if not check or self.base_bits_ok():
+                    status |= _MATCHED
+        if status == _SKIPPED:
+            self.removed = not self.removed
+        return status
 
     def base_bits_ok(self) -> bool:
         """After an apply: the bits the swap took out of the weights are the verified base bits."""
         return all(_equal(f, e) for f, e in zip(self.flat, self.expect))
 
+
+# Status bits of one switch (_Binding.swap; the values of the native SwapPlan.swap).
+_SKIPPED, _UNCHANGED, _MATCHED = -1, 1, 2
 
 # Patches currently applied, per model, in application order (stacked only with stack=True). Every
 # apply/remove holds one lock, so threads switching patches on one model cannot interleave.
@@ -489,11 +537,9 @@ class SparsePatch:
         check_targets(model, self, strict)
 
     def _binding(self, model: nn.Module, strict: bool, verify: str) -> _Binding:
-        b = self._bindings.get(model)
-        if (b is not None and verify == "cached" and (b.strict or not strict) and b.source == _source(self)
-                and b.intact(model)):
-            return b
-        if b is not None:  # something moved: hash afresh the weights that changed
+        """A fresh binding of this patch to ``model`` (the weights of a previous one are hashed afresh)."""
+        b = self._bindings.pop(model, None)
+        if b is not None:
             for w in b.weights:
                 _forget_digest(w)
         b = _Binding(model, self, strict, verify_full=(verify == "full"))
@@ -520,7 +566,7 @@ class SparsePatch:
 
         if verify not in ("cached", "full"):
             raise ValueError(f"verify must be 'cached' or 'full', got {verify!r}")
-        if getattr(model, _HANDLE_ATTR, None) is not None:
+        if model.__dict__.get(_HANDLE_ATTR) is not None:  # where patch() keeps it (no Module lookup)
             raise PatchMismatchError("the model is patched for training (sparse_sam.patch); export and "
                                      "unpatch it before applying a patch file")
         with _SWITCH_LOCK:
@@ -531,8 +577,16 @@ class SparsePatch:
                 if not stack:
                     raise PatchMismatchError("another patch is already applied to this model; remove it first "
                                              "(or use sparse_sam.switch(model, patch), or stack=True)")
-            b = self._binding(model, strict, verify)
-            if not b.swap(check=strict):
+            # The prepared binding, if everything it trusts still holds: same patch content, same
+            # Parameters at the same places, and (checked by the swap itself) no weight written since.
+            b, status = self._bindings.get(model), _SKIPPED
+            if (b is not None and verify == "cached" and (b.strict or not strict) and _same_source(self, b.source)
+                    and b.chains_intact(model)):
+                status = b.swap(check=strict, only_if_unchanged=True)
+            if status == _SKIPPED:
+                b = self._binding(model, strict, verify)
+                status = b.swap(check=strict)
+            if not status & _MATCHED:
                 # The bits under the patch changed without a version bump (an edit through .data):
                 # undo, then check the whole base afresh.
                 b.swap()
@@ -542,25 +596,23 @@ class SparsePatch:
         return model
 
     def remove(self, model: nn.Module) -> nn.Module:
-        """Swap the original weights back in: ``model`` is bit-identical to before :meth:`apply`."""
+        """Swap the original weights back in: ``model`` is bit-identical to before :meth:`apply`. The base
+        bits return to the tensors :meth:`apply` wrote, also to one the model no longer holds."""
         with _SWITCH_LOCK:
             stack = _APPLIED.get(model)
             if not stack or stack[-1][0] is not self:
                 if stack and any(p is self for p, _ in stack):
                     raise PatchMismatchError("patches stacked on this model must be removed in reverse order")
                 raise PatchMismatchError("this patch is not applied to this model")
+            # The base bits go back into the very tensors apply wrote, even where the model no longer
+            # holds one of them (a module or Parameter replaced meanwhile): whoever holds it gets its
+            # base back, and the next apply, finding the chains changed, prepares afresh.
             b = stack[-1][1]
-            if not b.chains_intact(model):
-                raise PatchMismatchError("a patched weight was replaced while the patch was applied; cannot "
-                                         "restore it")
-            untouched = b.unchanged_since_swap()
-            b.swap()
+            untouched = b.swap() & _UNCHANGED
             stack.pop()
             if not stack:
                 del _APPLIED[model]
-            if untouched:  # the base bits are back: the cached digests and the fast path stay valid
-                _keep_digests(b.weights)
-            else:  # the weights were edited while applied: next apply re-hashes them
+            if not untouched:  # the weights were edited while applied: next apply re-hashes them
                 for w in b.weights:
                     _forget_digest(w)
                 self._bindings.pop(model, None)

@@ -244,6 +244,24 @@ def test_reallocated_weight_is_rebound_not_written_blind(trained):
     assert_same_bits(base, state_bits(model))
 
 
+def test_remove_restores_a_weight_the_model_no_longer_holds(trained):
+    model, patch, _ = trained
+    on, base = _on_and_base(model, patch)
+    owner_name, _, attr = patch.layers[0].name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = owner._parameters[attr]
+    base_bits = old.detach().clone().view(torch.int32)
+    patch.apply(model)
+    setattr(owner, attr, nn.Parameter(old.detach().clone()))  # replaced while applied
+    patch.remove(model)
+    assert torch.equal(old.detach().view(torch.int32), base_bits)  # its holder gets the base back
+    assert sparse_sam.applied_patch(model) is None
+    setattr(owner, attr, old)
+    again_on, again_base = _on_and_base(model, patch)  # the old weight back in place: as before
+    assert_same_bits(on, again_on)
+    assert_same_bits(base, again_base)
+
+
 def test_editing_patch_indices_after_preparing_cannot_reach_the_weights(trained):
     model, patch, _ = trained
     on, _ = _on_and_base(model, patch)
@@ -272,14 +290,21 @@ def test_swap_plan_validates_before_writing():
         assert all(torch.equal(a, b) for a, b in zip(ws, before))
     expect = [w.reshape(-1)[i].clone() for w, i in zip(ws, good)]
     plan = torch.classes.sparse_sam.SwapPlan(ws, good, [v.clone() for v in vals], expect, True)
-    assert plan.swap(True)  # the bits taken out are the expected base bits
+    unchanged, matched = 1, 2
+    assert plan.swap(True, True) == unchanged | matched  # the bits taken out are the expected base bits
     for w, i, v in zip(ws, good, vals):
         assert torch.equal(w.reshape(-1)[i].view(torch.int32), v.view(torch.int32))
-    assert plan.swap(False) and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, before))
-    ws[1].view(-1)[34] += 1.0  # the base changed under the patch
+    assert plan.swap(False, True) == unchanged | matched
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, before))
+    ws[1].view(-1)[34] += 1.0  # the base changed under the patch (a versioned write)
     assert not plan.unchanged()
-    assert not plan.swap(True)
-    plan.swap(False)
+    edited = [w.clone() for w in ws]
+    assert plan.swap(True, True) == -1  # skipped: nothing written
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, edited))
+    assert plan.swap(True, False) == 0  # forced: exchanged, but neither unchanged nor the expected bits
+    assert plan.unchanged()
+    assert plan.swap(False, False) == unchanged | matched
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, edited))
 
 
 def test_copies_of_a_prepared_patch_switch_on_their_own(trained):
@@ -292,3 +317,57 @@ def test_copies_of_a_prepared_patch_switch_on_their_own(trained):
         with twin.applied(model):
             assert_same_bits(on, state_bits(model))
         assert_same_bits(base, state_bits(model))
+
+
+# ----------------------------------------------------------- the digest cache behind strict checks
+def _count_hashes(monkeypatch):
+    from sparse_sam import patchfile
+
+    calls = []
+    real = patchfile.hashlib.sha256
+
+    class Counting:
+        @staticmethod
+        def sha256(*args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(patchfile, "hashlib", Counting)
+    return calls
+
+
+def test_cycles_keep_the_base_digests_without_rehashing(trained, monkeypatch):
+    model, patch, compact = trained
+    _on_and_base(model, patch)
+    for _ in range(3):
+        _on_and_base(model, patch)  # each switch bumps the version counters
+    calls = _count_hashes(monkeypatch)
+    patch.verify(model)  # strict: the base fingerprint, from the binding's digests
+    compact.apply(model)  # another patch of the same base: its first, strict apply
+    compact.remove(model)
+    per_weight = [c for c in calls if c]  # sha256(raw) of a weight; sha256() is the combined digest
+    assert per_weight == []
+
+
+def test_a_fingerprint_taken_while_applied_does_not_leak_into_base_checks(trained):
+    from sparse_sam.patchfile import fingerprint
+
+    model, patch, _ = trained
+    _on_and_base(model, patch)
+    patch.apply(model)
+    named = [(l.name, model.get_parameter(l.name)) for l in patch.layers]
+    assert fingerprint(named) != patch.fingerprint  # the patched weights, hashed and cached
+    patch.remove(model)
+    patch.verify(model)  # the base is back: its own digest, not the cached patched one
+
+
+def test_a_loose_apply_never_vouches_for_an_edited_base(trained):
+    model, patch, compact = trained
+    patch.verify(model)  # digests cached
+    w = model.get_parameter(patch.layers[0].name)
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0  # a versioned edit of the base
+    compact.apply(model, strict=False)
+    compact.remove(model)
+    with pytest.raises(PatchMismatchError, match="fingerprint"):
+        patch.verify(model)

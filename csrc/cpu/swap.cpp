@@ -3,9 +3,9 @@
 // leaves every tensor untouched even when the op is called directly through torch.ops.
 //
 // SwapPlanCpu (torch.classes.sparse_sam.SwapPlan) is the same exchange for a patch prepared once:
-// validated when it is made, then each swap() checks only that no weight was reallocated (O(L) pointer
-// compares), bumps the weights' version counters like any in-place write, and can compare the bits it
-// takes out with the base bits they must be, in the same pass.
+// validated when it is made, then each swap() checks only that no weight was written or reallocated
+// (O(L) version and pointer compares), bumps the weights' version counters like any in-place write, and
+// can compare the bits it takes out with the base bits they must be, in the same pass.
 #include "../sparse_sam.h"
 #include "parallel.h"
 #include "swap_plan.h"
@@ -168,7 +168,9 @@ SwapPlanCpu::SwapPlanCpu(std::vector<at::Tensor> weights, std::vector<at::Tensor
   versions_ = versions();
 }
 
-bool SwapPlanCpu::swap(bool check) {
+int64_t SwapPlanCpu::swap(bool check, bool only_if_unchanged) {
+  const bool was_unchanged = unchanged();
+  if (only_if_unchanged && !was_unchanged) return kSkipped;
   for (size_t i = 0; i < weights_.size(); ++i) {
     const auto& w = weights_[i];
     TORCH_CHECK_VALUE(w.data_ptr() == storage_[i] && w.numel() == numel_[i] && w.is_contiguous(),
@@ -176,11 +178,11 @@ bool SwapPlanCpu::swap(bool check) {
   }
   static const std::vector<at::Tensor> kNone;
   const bool ok = exchange(weights_, indices_, values_, check ? expect_ : kNone, start_);
-  if (bump_) {
-    for (auto& w : weights_) w.unsafeGetTensorImpl()->bump_version();
+  for (size_t i = 0; i < weights_.size(); ++i) {
+    if (bump_) weights_[i].unsafeGetTensorImpl()->bump_version();
+    versions_[i] = weights_[i]._version();
   }
-  versions_ = versions();
-  return ok || expect_.empty();
+  return (was_unchanged ? kUnchanged : 0) | (ok || expect_.empty() ? kMatched : 0);
 }
 
 bool SwapPlanCpu::unchanged() const {

@@ -9,14 +9,19 @@
 namespace sparse_sam {
 
 // A CPU swap_ prepared once for a patch (torch.classes.sparse_sam.SwapPlan; csrc/cpu/swap.cpp). The
-// constructor validates like swap_; swap(check) exchanges every layer in one call, bumps the weights'
-// version counters (when made with bump_versions) and, with check, returns whether the bits taken out of
-// the weights equal `expect` (one tensor per layer, like values; empty: nothing to compare, true).
+// constructor validates like swap_. swap(check, only_if_unchanged) is one whole switch in one call:
+//   - with only_if_unchanged, when a weight was written or reallocated since the last swap (or the
+//     plan's creation), it writes nothing and returns kSkipped;
+//   - otherwise it exchanges every layer, bumps the weights' version counters (when made with
+//     bump_versions) and returns kUnchanged if no weight had been written since the last swap, plus
+//     kMatched if the bits taken out of the weights equal `expect` (one tensor per layer, like values;
+//     always set without check or with `expect` empty).
 // unchanged(): no weight was written or reallocated since the plan's last swap (or its creation).
 struct SwapPlanCpu : torch::CustomClassHolder {
   SwapPlanCpu(std::vector<at::Tensor> weights, std::vector<at::Tensor> indices, std::vector<at::Tensor> values,
               std::vector<at::Tensor> expect, bool bump_versions);
-  bool swap(bool check);
+  static constexpr int64_t kSkipped = -1, kUnchanged = 1, kMatched = 2;
+  int64_t swap(bool check, bool only_if_unchanged);
   bool unchanged() const;
 
  private:
