@@ -9,8 +9,10 @@ to write computed once), so the comparison is pure switching cost. The plain loo
     ...                                           # and back: flat.index_copy_(0, idx, saved)
 
 (the strongest plain-PyTorch version we found; ``flat[idx] = new`` is also timed and the faster of the
-two is the baseline). Each provider switches its own copy of the model. Rounds alternate between
-the providers; the median of each is reported.
+two is the baseline). A third loop saves the base bits once, at preparation, and then only writes, as
+sparse_sam's native plan does; it is reported beside the baseline, not as it, since it would restore
+stale bits after an edit of the base, which sparse_sam catches. Each provider switches its own copy
+of the model. Rounds alternate between the providers; the median of each is reported.
 
 Usage: ``python benchmarks/switching.py [--rounds 200] [--out FILE]``
 """
@@ -57,7 +59,20 @@ def plain_loop(model, patch, variant: str):
     new = [(f[i] + l.deltas.to(f.dtype)).to(f.dtype) for f, i, l in zip(flats, idx, patch.layers)]
     saved = [torch.empty_like(n) for n in new]
 
-    if variant == "index_copy":
+    if variant == "index_copy, base saved once":
+        # Writes only, like sparse_sam's native plan, but trusts the base blindly: the bits saved at
+        # preparation are written back, whatever the weights held when the patch went on.
+        for f, i, s in zip(flats, idx, saved):
+            torch.index_select(f, 0, i, out=s)
+
+        def apply():
+            for f, i, n in zip(flats, idx, new):
+                f.index_copy_(0, i, n)
+
+        def remove():
+            for f, i, s in zip(flats, idx, saved):
+                f.index_copy_(0, i, s)
+    elif variant == "index_copy":
         def apply():
             for f, i, n, s in zip(flats, idx, new, saved):
                 torch.index_select(f, 0, i, out=s)
@@ -86,7 +101,7 @@ def measure(rounds: int, reps: int = 20) -> dict:
     # Each provider switches its own copy of the model, as a user would switch theirs: the plain loop's
     # writes bump the version counters of the weights it writes, and sparse_sam (rightly) re-verifies a
     # base that someone else wrote to. Interleaved on one model, every sparse_sam cycle would re-bind.
-    copies = {v: copy.deepcopy(model) for v in ("index_copy", "index_put")}
+    copies = {v: copy.deepcopy(model) for v in ("index_copy", "index_put", "index_copy, base saved once")}
     loops = {v: plain_loop(copies[v], patch, v) for v in copies}
     patch.apply(model)  # first apply: validation, hash, preparation (not part of switching)
     patch.remove(model)
@@ -107,9 +122,13 @@ def measure(rounds: int, reps: int = 20) -> dict:
         for l, b in zip(patch.layers, before):
             assert torch.equal(m.get_parameter(l.name).detach().view(torch.int32), b.view(torch.int32))
     med = {c: statistics.median(v) for c, v in times.items()}
-    best_plain = min((c for c in med if c.startswith("plain")), key=med.get)
+    # The goal's baseline saves the base bits at each switch, as sparse_sam's guarantee requires; the
+    # saved-once loop is reported beside it (faster, but it would restore stale bits after an edit).
+    best_plain = min((c for c in med if c.startswith("plain") and "once" not in c), key=med.get)
     return {"params": n_params, "weights": len(patch.layers), "entries": patch.num_modified, "median_ms": med,
-            "baseline": best_plain, "ratio": med["sparse_sam"] / med[best_plain], "threads": torch.get_num_threads()}
+            "baseline": best_plain, "ratio": med["sparse_sam"] / med[best_plain],
+            "ratio_once": med["sparse_sam"] / med["plain index_copy, base saved once"],
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -122,7 +141,8 @@ def main() -> None:
         f"ViT: {r['params'] / 1e6:.1f} M parameters, {r['weights']} weights, {r['entries']} patch entries",
         "", "| provider | apply + remove (median ms) |", "|---|---|"]
     lines += [f"| {c} | {t:.3f} |" for c, t in r["median_ms"].items()]
-    lines += ["", f"sparse_sam / {r['baseline']} = {r['ratio']:.2f} (goal ≤ 0.33)"]
+    lines += ["", f"sparse_sam / {r['baseline']} = {r['ratio']:.2f} (goal ≤ 0.33)",
+              f"sparse_sam / plain index_copy, base saved once = {r['ratio_once']:.2f} (no goal: it trusts the base)"]
     emit(lines, args.out)
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ TORCH_LIBRARY(sparse_sam, m) {
       "sam_weight_backward(Tensor grad, Tensor mask, Tensor delta, ScalarType scores_dtype, bool dense)"
       " -> (Tensor, Tensor)");
   m.def("swap_(Tensor(a!)[] weights, Tensor[] indices, Tensor(b!)[] values) -> ()");
-  // swap_ prepared once for a patch on the CPU (csrc/cpu/swap_plan.h): SwapPlan(weights, indices, values,
-  // expect, bump_versions); .swap(check, only_if_unchanged) -> int (kSkipped -1, or kUnchanged 1 | kMatched 2),
-  // .unchanged() -> bool.
+  // A patch's switch prepared once on the CPU (csrc/cpu/swap_plan.h): SwapPlan(weights, indices, patched,
+  // base, bump_versions); .swap(only_if_unchanged) -> int (kSkipped -1, or kUnchanged 1 | kMatched 2),
+  // .unchanged() -> bool, .on() -> bool.
   m.class_<sparse_sam::SwapPlanCpu>("SwapPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, bool>())
       .def("swap", &sparse_sam::SwapPlanCpu::swap)
-      .def("unchanged", &sparse_sam::SwapPlanCpu::unchanged);
+      .def("unchanged", &sparse_sam::SwapPlanCpu::unchanged)
+      .def("on", &sparse_sam::SwapPlanCpu::on);
   // The cache of large CPU output blocks (csrc/cpu/alloc.cpp): {cached bytes, limit bytes, hits, misses}.
   m.def("cpu_cache_stats() -> int[]", &sparse_sam::cpu_cache_stats);
   m.def("cpu_cache_clear() -> ()", &sparse_sam::cpu_cache_clear);

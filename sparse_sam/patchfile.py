@@ -26,17 +26,17 @@ Switching cost
 --------------
 The first :meth:`SparsePatch.apply` to a model validates the patch against it, hashes the base weights
 (O(N)) and prepares the values to write; on the CPU it also makes one native swap plan
-(``torch.classes.sparse_sam.SwapPlan``, csrc/cpu/swap_plan.h) that validates the indices once. Later
-apply/remove cycles on the same model are O(k): one native call per switch for all weights, with no
-per-weight argument checks, which checks the version counters first (writing nothing if a weight was
-written since the last switch) and compares the base bits it takes out with the verified ones in the
-same pass.
-Each switch bumps the weights' version counters, as any in-place write does, so autograd refuses to
-backpropagate through a graph that saved the weights before the switch. Between cycles the base is trusted unchanged
-only while every weight keeps its identity, storage and version counter *and* the bits at the patch's
-positions equal the ones the first apply verified; an edit through ``.data`` (which bypasses the version
-counter) at those positions is caught and leads to a full re-hash. ``apply(model, verify="full")``
-re-hashes every time.
+(``torch.classes.sparse_sam.SwapPlan``, csrc/cpu/swap_plan.h) that validates the indices once and holds
+both the patched and the base bits. Later apply/remove cycles on the same model are O(k): one native call
+per switch for all weights, with no per-weight argument checks. It checks the version counters first
+(writing nothing if a weight was written since the last switch); switching on, it compares the bits under
+the patch with the verified base bits in the same pass (writing nothing that stays if they differ);
+switching off, it only writes. Each switch bumps the weights' version counters, as any in-place write
+does, so autograd refuses to backpropagate through a graph that saved the weights before the switch.
+Between cycles the base is trusted unchanged only while every weight keeps its identity, storage and
+version counter *and* the bits at the patch's positions equal the ones the first apply verified; an edit
+through ``.data`` (which bypasses the version counter) at those positions is caught and leads to a full
+re-hash. ``apply(model, verify="full")`` re-hashes every time.
 """
 from __future__ import annotations
 
@@ -273,8 +273,10 @@ def _has_swap_plan() -> bool:
 
 class _Binding:
     """A patch prepared for one model: resolved weights, the values to write, and the state the fast
-    path trusts. While not applied, ``values[l]`` hold ``W + v`` at ``indices[l]``; while applied, the
-    base bits. Values of one dtype/device are views of one flat buffer, checked in one comparison."""
+    path trusts. On the CPU one native plan holds ``W + v`` and the base bits at ``indices[l]`` and
+    writes one or the other. Elsewhere ``values[l]`` are exchanged with the weights: while the patch is
+    off they hold ``W + v``, while on the base bits; values of one dtype/device are views of one flat
+    buffer, checked against ``expect`` in one comparison."""
 
     def __init__(self, model: nn.Module, patch: "SparsePatch", strict: bool, verify_full: bool):
         self.chains, self.weights = check_targets(model, patch, strict, verify_full)
@@ -349,13 +351,15 @@ class _Binding:
         return self.removed and self.unchanged()
 
     def swap(self, check: bool = False, only_if_unchanged: bool = False) -> int:
-        """One switch: exchange values and weights. Returns _SKIPPED, writing nothing, when
+        """One switch, on or off (alternately). Returns _SKIPPED, writing nothing, when
         ``only_if_unchanged`` and a weight was written or reallocated since the last swap; otherwise
-        _UNCHANGED if nothing was, plus _MATCHED if (with ``check``) the bits taken out of the weights are
-        the verified base bits (always without ``check``)."""
-        self.removed = not self.removed  # before the write: a concurrent fingerprint must not trust it
+        _UNCHANGED if nothing was, plus _MATCHED unless switching on found weights that do not hold the
+        verified base bits, in which case nothing stays written and the patch stays off. The native plan
+        always checks when switching on; the other backends only with ``check``."""
+        switching_on = self.removed
+        self.removed = False  # while writing: a concurrent fingerprint must not trust the base
         if self.plan is not None:
-            status = self.plan.swap(check, only_if_unchanged)
+            status = self.plan.swap(only_if_unchanged)
         elif not self.weights:
             status = _UNCHANGED | _MATCHED
         else:
@@ -365,11 +369,13 @@ class _Binding:
             else:
                 with torch.no_grad():
                     self.impl.swap_(self.weights, self.indices, self.values)
+                    if switching_on and check and not self.base_bits_ok():
+                        self.impl.swap_(self.weights, self.indices, self.values)  # back off
+                    else:
+                        status |= _MATCHED
                 self.versions = self._versions()
-                if not check or self.base_bits_ok():
-                    status |= _MATCHED
-        if status == _SKIPPED:
-            self.removed = not self.removed
+        done = status != _SKIPPED and status & _MATCHED
+        self.removed = (not switching_on) if done else switching_on
         return status
 
     def base_bits_ok(self) -> bool:
@@ -587,9 +593,8 @@ class SparsePatch:
                 b = self._binding(model, strict, verify)
                 status = b.swap(check=strict)
             if not status & _MATCHED:
-                # The bits under the patch changed without a version bump (an edit through .data):
-                # undo, then check the whole base afresh.
-                b.swap()
+                # The bits under the patch changed without a version bump (an edit through .data), so
+                # the swap wrote nothing: check the whole base afresh.
                 b = self._binding(model, strict, "full")  # forgets the old digests and re-hashes
                 b.swap()
             _APPLIED.setdefault(model, []).append((self, b))

@@ -283,28 +283,55 @@ def test_swap_plan_validates_before_writing():
     before = [w.clone() for w in ws]
     good = [torch.tensor([0, 9, 36], dtype=torch.int32), torch.tensor([2, 34], dtype=torch.int64)]
     vals = [torch.randn(3, generator=g), torch.randn(2, generator=g)]
+    with pytest.raises(ValueError, match="base-bits"):
+        torch.classes.sparse_sam.SwapPlan(ws, good, vals, [], True)
     for bad in ([torch.tensor([0, 9, 37], dtype=torch.int32), good[1]],   # out of range
                 [good[0], torch.tensor([34, 2], dtype=torch.int64)]):    # unsorted
         with pytest.raises(ValueError, match="layer #"):
-            torch.classes.sparse_sam.SwapPlan(ws, bad, vals, [], True)
+            torch.classes.sparse_sam.SwapPlan(ws, bad, vals, [v.clone() for v in vals], True)
         assert all(torch.equal(a, b) for a, b in zip(ws, before))
-    expect = [w.reshape(-1)[i].clone() for w, i in zip(ws, good)]
-    plan = torch.classes.sparse_sam.SwapPlan(ws, good, [v.clone() for v in vals], expect, True)
+    bits = lambda ts: [t.view(torch.int32).clone() for t in ts]
+    same = lambda xs, ys: all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(xs, ys))
+    base = [w.reshape(-1)[i].clone() for w, i in zip(ws, good)]
+    plan = torch.classes.sparse_sam.SwapPlan(ws, good, vals, base, True)
     unchanged, matched = 1, 2
-    assert plan.swap(True, True) == unchanged | matched  # the bits taken out are the expected base bits
-    for w, i, v in zip(ws, good, vals):
-        assert torch.equal(w.reshape(-1)[i].view(torch.int32), v.view(torch.int32))
-    assert plan.swap(False, True) == unchanged | matched
-    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, before))
-    ws[1].view(-1)[34] += 1.0  # the base changed under the patch (a versioned write)
+    assert plan.swap(True) == unchanged | matched and plan.on()
+    assert same([w.reshape(-1)[i] for w, i in zip(ws, good)], vals)
+    assert plan.swap(True) == unchanged | matched and not plan.on()
+    assert same(ws, before)
+    ws[1].view(-1)[34] += 1.0  # a versioned write of the base under the patch
     assert not plan.unchanged()
-    edited = [w.clone() for w in ws]
-    assert plan.swap(True, True) == -1  # skipped: nothing written
-    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, edited))
-    assert plan.swap(True, False) == 0  # forced: exchanged, but neither unchanged nor the expected bits
-    assert plan.unchanged()
-    assert plan.swap(False, False) == unchanged | matched
-    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(ws, edited))
+    edited = bits(ws)
+    assert plan.swap(True) == -1 and same(ws, edited)  # skipped: nothing written
+    # Forced, switching on finds an entry that is not the base bits: every entry it wrote goes back.
+    assert plan.swap(False) == 0 and not plan.on() and same(ws, edited)
+    ws[1].view(-1)[34] = base[1][1]  # the base again (the version moves; the plan re-reads it)
+    assert plan.swap(False) == matched and plan.on()
+    assert plan.swap(True) == unchanged | matched and same(ws, before)
+
+
+def test_swap_plan_catches_an_unversioned_edit_at_any_entry():
+    """An edit through .data bypasses the version counter: switching on compares every entry and, at a
+    mismatch in any layer or block, leaves the weights exactly as they were."""
+    if not hasattr(torch.ops.sparse_sam, "swap_"):
+        pytest.skip("the compiled extension is not loaded")
+    from sparse_sam import _ext
+
+    _ext.load()
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(n, generator=g) for n in (40_001, 33_333, 70_007)]  # several blocks of 16384 entries
+    idx = [torch.sort(torch.randperm(w.numel(), generator=g)[: w.numel() // 2]).values.to(torch.int32) for w in ws]
+    vals = [torch.randn(i.numel(), generator=g) for i in idx]
+    base = [w.reshape(-1)[i].clone() for w, i in zip(ws, idx)]
+    plan = torch.classes.sparse_sam.SwapPlan(ws, idx, vals, base, True)
+    for layer, entry in ((0, 0), (1, 16_000), (2, idx[2].numel() - 1)):
+        w = ws[layer]
+        w.data.view(-1)[idx[layer][entry]] = 7.0  # no version bump
+        before = [x.view(torch.int32).clone() for x in ws]
+        assert plan.swap(True) == 1 and not plan.on()  # unchanged by its counters, but not matched
+        assert all(torch.equal(x.view(torch.int32), y) for x, y in zip(ws, before))
+        w.data.view(-1)[idx[layer][entry]] = base[layer][entry]
+    assert plan.swap(True) == 3 and plan.on()
 
 
 def test_copies_of_a_prepared_patch_switch_on_their_own(trained):

@@ -2,10 +2,12 @@
 // call. Every layer is validated (range, strictly increasing) before the first write, so a bad patch
 // leaves every tensor untouched even when the op is called directly through torch.ops.
 //
-// SwapPlanCpu (torch.classes.sparse_sam.SwapPlan) is the same exchange for a patch prepared once:
-// validated when it is made, then each swap() checks only that no weight was written or reallocated
-// (O(L) version and pointer compares), bumps the weights' version counters like any in-place write, and
-// can compare the bits it takes out with the base bits they must be, in the same pass.
+// SwapPlanCpu (torch.classes.sparse_sam.SwapPlan) switches a patch prepared once: validated when it is
+// made, then each swap() checks only that no weight was written or reallocated (O(L) version and pointer
+// compares) and makes one pass over the entries, bumping the weights' version counters like any in-place
+// write. It holds both the patched and the base bits, so switching on reads and compares the weights'
+// bits but writes only the weights, and switching off only writes them: fewer memory streams than an
+// exchange, whose saved bits would have to be written back each time.
 #include "../sparse_sam.h"
 #include "parallel.h"
 #include "swap_plan.h"
@@ -41,43 +43,65 @@ IndexStats index_stats(const I* idx, int64_t n) {
   return st;
 }
 
-// Exchanges entries [b, e) of a layer with n entries. With kCheck, also compares the bits taken out of
-// the weight with expect[j]; returns whether all of them matched (always true without).
-template <bool kCheck, typename U, typename I>
-bool swap_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, const U* __restrict__ expect,
-               int64_t b, int64_t e, int64_t n) {
+// What one pass does to entry j of a layer, at p = w + idx[j]:
+//   kExchange: *p <-> val[j]                   (swap_)
+//   kApply:    *p = val[j] if *p == base[j]; otherwise *p is left as it is and j is logged
+//   kRestore:  *p = base[j]                    (kApply and kRestore: the plan switching on and off)
+enum class Pass { kExchange, kApply, kRestore };
+
+template <Pass kPass, typename U, typename I>
+void pass_bits(U* __restrict__ w, const I* __restrict__ idx, U* __restrict__ val, const U* __restrict__ base,
+               int64_t b, int64_t e, int64_t n, int64_t first, std::vector<int64_t>& bad) {
   // Sorted indices scatter over the whole weight: prefetching a few entries ahead keeps several cache
   // misses in flight. Blocks of one layer run back to back or on other threads, so the look-ahead runs
   // to the layer's end, not the block's, and starts before the block's first entry.
   constexpr int64_t kAhead = 64;
   for (int64_t j = b; j < std::min(b + kAhead, n); ++j) __builtin_prefetch(w + idx[j], 1);
-  U differ = 0;
   for (int64_t j = b; j < e; ++j) {
     if (j + kAhead < n) __builtin_prefetch(w + idx[j + kAhead], 1);
     U* p = w + idx[j];
-    const U old = *p;
-    *p = val[j];
-    val[j] = old;
-    if constexpr (kCheck) differ |= old ^ expect[j];
+    if constexpr (kPass == Pass::kExchange) {
+      const U old = *p;
+      *p = val[j];
+      val[j] = old;
+    } else if constexpr (kPass == Pass::kApply) {
+      const U old = *p;
+      const bool match = old == base[j];
+      *p = match ? val[j] : old;
+      if (__builtin_expect(!match, 0)) bad.push_back(first + j);  // `first`: the layer's first entry
+    } else {
+      *p = base[j];
+    }
   }
-  return differ == 0;
 }
 
-template <typename U, typename I>
-bool swap_bits(U* w, const I* idx, U* val, const U* expect, int64_t b, int64_t e, int64_t n) {
-  return expect != nullptr ? swap_bits<true>(w, idx, val, expect, b, e, n)
-                           : swap_bits<false>(w, idx, val, expect, b, e, n);
+// Calls f(U{}, I{}) with U the unsigned integer of the weight's width and I the index type.
+template <typename F>
+void with_types(const at::Tensor& w, const at::Tensor& idx, const F& f) {
+  auto with_index = [&](auto u) {
+    if (idx.scalar_type() == at::kLong) {
+      f(u, int64_t{});
+    } else {
+      f(u, int32_t{});
+    }
+  };
+  switch (w.element_size()) {
+    case 2: with_index(uint16_t{}); break;
+    case 4: with_index(uint32_t{}); break;
+    default: with_index(uint64_t{}); break;
+  }
 }
 
-template <typename U>
-bool swap_range(const at::Tensor& w, const at::Tensor& idx, const at::Tensor& val, const at::Tensor* expect,
-                int64_t b, int64_t e) {
-  U* wp = static_cast<U*>(w.data_ptr());
-  U* vp = static_cast<U*>(val.data_ptr());
-  const U* ep = expect != nullptr ? static_cast<const U*>(expect->data_ptr()) : nullptr;
-  const int64_t n = idx.numel();
-  if (idx.scalar_type() == at::kLong) return swap_bits<U>(wp, idx.const_data_ptr<int64_t>(), vp, ep, b, e, n);
-  return swap_bits<U>(wp, idx.const_data_ptr<int32_t>(), vp, ep, b, e, n);
+template <Pass kPass>
+void pass_range(const at::Tensor& w, const at::Tensor& idx, const at::Tensor& val, const at::Tensor* base,
+                int64_t b, int64_t e, int64_t first, std::vector<int64_t>& bad) {
+  with_types(w, idx, [&](auto u, auto i) {
+    using U = decltype(u);
+    using I = decltype(i);
+    pass_bits<kPass>(static_cast<U*>(w.data_ptr()), idx.const_data_ptr<I>(), static_cast<U*>(val.data_ptr()),
+                     base != nullptr ? static_cast<const U*>(base->data_ptr()) : nullptr, b, e, idx.numel(), first,
+                     bad);
+  });
 }
 
 // Range and order checks of every layer's (contiguous) indices, before anything is written.
@@ -94,33 +118,52 @@ void check_indices(at::TensorList weights, const std::vector<at::Tensor>& idx) {
   }
 }
 
-// The exchange of validated layers. The entries of all layers go in blocks shared between threads
-// (parallel.h), from 2 blocks on: the exchange waits on cache misses, so two threads nearly halve it.
-// `expect` is empty or holds one tensor per layer (see swap_bits); returns whether all bits matched.
-bool exchange(at::TensorList weights, const std::vector<at::Tensor>& idx, at::TensorList values,
-              const std::vector<at::Tensor>& expect, const std::vector<int64_t>& start) {
+// One pass over validated layers (`base`: empty for kExchange, else one tensor per layer). The entries
+// of all layers go in blocks shared between threads (parallel.h), from 2 blocks on: the pass waits on
+// cache misses, so two threads nearly halve it. Returns the entries kApply logged, ascending (global
+// positions: layer i's entry j is start[i] + j).
+template <Pass kPass>
+std::vector<int64_t> run_pass(at::TensorList weights, const std::vector<at::Tensor>& idx, at::TensorList values,
+                              const std::vector<at::Tensor>& base, const std::vector<int64_t>& start) {
   constexpr int64_t kBlockEntries = int64_t(1) << 14;
   const int64_t L = static_cast<int64_t>(weights.size());
   const int64_t blocks = (start[L] + kBlockEntries - 1) / kBlockEntries;
-  std::vector<char> matched(blocks, 1);
-  auto block = [&](int64_t blk) {
+  std::vector<std::vector<int64_t>> bad(blocks);
+  share_items(blocks, [&](int64_t blk) {
     const int64_t b = blk * kBlockEntries, e = std::min(start[L], b + kBlockEntries);
     int64_t i = std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1;
-    bool ok = true;
     for (; i < L && start[i] < e; ++i) {
       const int64_t lb = std::max(b, start[i]) - start[i], le = std::min(e, start[i + 1]) - start[i];
-      if (lb >= le) continue;
-      const at::Tensor* ex = expect.empty() ? nullptr : &expect[i];
-      switch (weights[i].element_size()) {
-        case 2: ok &= swap_range<uint16_t>(weights[i], idx[i], values[i], ex, lb, le); break;
-        case 4: ok &= swap_range<uint32_t>(weights[i], idx[i], values[i], ex, lb, le); break;
-        default: ok &= swap_range<uint64_t>(weights[i], idx[i], values[i], ex, lb, le); break;
-      }
+      if (lb < le) pass_range<kPass>(weights[i], idx[i], values[i], base.empty() ? nullptr : &base[i], lb, le,
+                                     start[i], bad[blk]);
     }
-    matched[blk] = ok;
-  };
-  share_items(blocks, block);
-  return std::all_of(matched.begin(), matched.end(), [](char c) { return c != 0; });
+  });
+  std::vector<int64_t> all;
+  for (const auto& v : bad) all.insert(all.end(), v.begin(), v.end());
+  return all;
+}
+
+// Undoes a kApply that logged `bad` (ascending): every entry it wrote gets its base bits back; the
+// logged ones were never written. Runs on this thread: it only follows a caught mismatch.
+void undo_apply(at::TensorList weights, const std::vector<at::Tensor>& idx, const std::vector<at::Tensor>& base,
+                const std::vector<int64_t>& start, const std::vector<int64_t>& bad) {
+  size_t k = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    with_types(weights[i], idx[i], [&](auto u, auto t) {
+      using U = decltype(u);
+      using I = decltype(t);
+      U* w = static_cast<U*>(weights[i].data_ptr());
+      const I* ix = idx[i].const_data_ptr<I>();
+      const U* b = static_cast<const U*>(base[i].data_ptr());
+      for (int64_t j = 0; j < idx[i].numel(); ++j) {
+        if (k < bad.size() && bad[k] == start[i] + j) {
+          ++k;
+          continue;
+        }
+        w[ix[j]] = b[j];
+      }
+    });
+  }
 }
 
 std::vector<int64_t> offsets(const std::vector<at::Tensor>& idx) {
@@ -136,26 +179,24 @@ void swap_cpu(at::TensorList weights, at::TensorList indices, at::TensorList val
   std::vector<at::Tensor> idx(weights.size());
   for (size_t i = 0; i < idx.size(); ++i) idx[i] = indices[i].contiguous();
   check_indices(weights, idx);
-  exchange(weights, idx, values, {}, offsets(idx));
+  run_pass<Pass::kExchange>(weights, idx, values, {}, offsets(idx));
 }
 
 // ------------------------------------------------------------------------------------ SwapPlanCpu
 SwapPlanCpu::SwapPlanCpu(std::vector<at::Tensor> weights, std::vector<at::Tensor> indices,
-                         std::vector<at::Tensor> values, std::vector<at::Tensor> expect, bool bump_versions)
-    : weights_(std::move(weights)), values_(std::move(values)), expect_(std::move(expect)), bump_(bump_versions) {
-  check_swap_meta(weights_, indices, values_);
-  TORCH_CHECK_VALUE(expect_.empty() || expect_.size() == weights_.size(), "SwapPlan: got ", expect_.size(),
-                    " expected-bits tensors for ", weights_.size(), " layers");
+                         std::vector<at::Tensor> patched, std::vector<at::Tensor> base, bool bump_versions)
+    : weights_(std::move(weights)), patched_(std::move(patched)), base_(std::move(base)), bump_(bump_versions) {
+  check_swap_meta(weights_, indices, patched_);
+  TORCH_CHECK_VALUE(base_.size() == weights_.size(), "SwapPlan: got ", base_.size(), " base-bits tensors for ",
+                    weights_.size(), " layers");
   for (size_t i = 0; i < weights_.size(); ++i) {
     TORCH_CHECK_VALUE(weights_[i].device().is_cpu(), "SwapPlan: layer #", i, " is on ", weights_[i].device(),
                       "; the plan is the CPU backend's");
-    if (!expect_.empty()) {
-      const auto& ex = expect_[i];
-      TORCH_CHECK_VALUE(ex.scalar_type() == values_[i].scalar_type() && ex.sizes() == values_[i].sizes() &&
-                            ex.is_contiguous() && ex.device().is_cpu(),
-                        "SwapPlan: expected bits of layer #", i, " must be contiguous ", values_[i].scalar_type(),
-                        " of shape ", values_[i].sizes(), " on the CPU");
-    }
+    const auto& b = base_[i];
+    TORCH_CHECK_VALUE(b.scalar_type() == patched_[i].scalar_type() && b.sizes() == patched_[i].sizes() &&
+                          b.is_contiguous() && b.device().is_cpu(),
+                      "SwapPlan: base bits of layer #", i, " must be contiguous ", patched_[i].scalar_type(),
+                      " of shape ", patched_[i].sizes(), " on the CPU");
   }
   indices_.resize(indices.size());
   for (size_t i = 0; i < indices.size(); ++i) indices_[i] = indices[i].contiguous();
@@ -164,11 +205,11 @@ SwapPlanCpu::SwapPlanCpu(std::vector<at::Tensor> weights, std::vector<at::Tensor
   for (const auto& w : weights_) {
     storage_.push_back(w.data_ptr());
     numel_.push_back(w.numel());
+    versions_.push_back(w._version());
   }
-  versions_ = versions();
 }
 
-int64_t SwapPlanCpu::swap(bool check, bool only_if_unchanged) {
+int64_t SwapPlanCpu::swap(bool only_if_unchanged) {
   const bool was_unchanged = unchanged();
   if (only_if_unchanged && !was_unchanged) return kSkipped;
   for (size_t i = 0; i < weights_.size(); ++i) {
@@ -176,13 +217,21 @@ int64_t SwapPlanCpu::swap(bool check, bool only_if_unchanged) {
     TORCH_CHECK_VALUE(w.data_ptr() == storage_[i] && w.numel() == numel_[i] && w.is_contiguous(),
                       "SwapPlan: the weight of layer #", i, " was reallocated or reshaped since the plan was made");
   }
-  static const std::vector<at::Tensor> kNone;
-  const bool ok = exchange(weights_, indices_, values_, check ? expect_ : kNone, start_);
+  bool matched = true;
+  if (!on_) {
+    const std::vector<int64_t> bad = run_pass<Pass::kApply>(weights_, indices_, patched_, base_, start_);
+    matched = bad.empty();
+    if (!matched) undo_apply(weights_, indices_, base_, start_, bad);
+    on_ = matched;
+  } else {
+    run_pass<Pass::kRestore>(weights_, indices_, patched_, base_, start_);
+    on_ = false;
+  }
   for (size_t i = 0; i < weights_.size(); ++i) {
     if (bump_) weights_[i].unsafeGetTensorImpl()->bump_version();
     versions_[i] = weights_[i]._version();
   }
-  return (was_unchanged ? kUnchanged : 0) | (ok || expect_.empty() ? kMatched : 0);
+  return (was_unchanged ? kUnchanged : 0) | (matched ? kMatched : 0);
 }
 
 bool SwapPlanCpu::unchanged() const {
@@ -190,13 +239,6 @@ bool SwapPlanCpu::unchanged() const {
     if (weights_[i]._version() != versions_[i] || weights_[i].data_ptr() != storage_[i]) return false;
   }
   return true;
-}
-
-std::vector<int64_t> SwapPlanCpu::versions() const {
-  std::vector<int64_t> v;
-  v.reserve(weights_.size());
-  for (const auto& w : weights_) v.push_back(w._version());
-  return v;
 }
 
 }  // namespace sparse_sam
