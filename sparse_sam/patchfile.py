@@ -279,7 +279,7 @@ class _Binding:
     buffer, checked against ``expect`` in one comparison."""
 
     def __init__(self, model: nn.Module, patch: "SparsePatch", strict: bool, verify_full: bool):
-        self.chains, self.weights = check_targets(model, patch, strict, verify_full)
+        chains, self.weights = check_targets(model, patch, strict, verify_full)
         self.strict = strict
         device = self.weights[0].device if self.weights else torch.device("cpu")
         self.indices = [layer.indices.to(device) for layer in patch.layers]
@@ -314,14 +314,23 @@ class _Binding:
             self.plan = torch.classes.sparse_sam.SwapPlan(list(self.weights), self.indices, self.values,
                                                           base_views, True)
         # The (module, child name, child) edges of all chains, each once (weights share most of their
-        # path from the model), and each weight's (owner, attribute): what chains_intact() checks.
+        # path from the model), and each weight's (owner, attribute): what chains_intact() checks. As
+        # columns, so that it runs its lookups in C (map), not in a Python loop. The model itself is held
+        # weakly (its own edges and Parameters apart): a prepared patch does not keep a model alive.
+        self.root = weakref.ref(model)
         edges: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
-        for chain in self.chains:
+        for chain in chains:
             for (parent, key), (child, _) in zip(chain, chain[1:]):
                 edges[(id(parent), key)] = (parent, key, child)
-        # As columns, so that chains_intact() runs its lookups in C (map) rather than a Python loop.
-        self.edges = (*zip(*edges.values()),) if edges else ((), (), ())
-        self.params = ([c[-1][0] for c in self.chains], [c[-1][1] for c in self.chains], self.weights)
+        leaves = [(c[-1][0], c[-1][1], w) for c, w in zip(chains, self.weights)]
+
+        def columns(rows, n):
+            return tuple(list(col) for col in zip(*rows)) if rows else ([],) * n
+
+        self.edges = columns([e for e in edges.values() if e[0] is not model], 3)
+        self.root_edges = columns([e[1:] for e in edges.values() if e[0] is model], 2)
+        self.params = columns([q for q in leaves if q[0] is not model], 3)
+        self.root_params = columns([q[1:] for q in leaves if q[0] is model], 2)
         self.source = _source(patch)  # the patch content it was prepared from
         self.versions = self._versions()  # (without a plan) as of the last swap, or of now
         # With the fingerprint checked, the base digests (the keeper of _FP_CACHE's entries while the base
@@ -336,11 +345,15 @@ class _Binding:
 
     def chains_intact(self, model: nn.Module) -> bool:
         """Every weight is still the model's Parameter at its name (each shared edge checked once)."""
-        if self.chains and self.chains[0][0][0] is not model:
+        if self.root() is not model:
             return False
+        is_ = operator.is_
         (parents, keys, children), (owners, attrs, weights) = self.edges, self.params
-        return (all(map(operator.is_, map(dict.get, map(_MODULES, parents), keys), children))
-                and all(map(operator.is_, map(dict.get, map(_PARAMETERS, owners), attrs), weights)))
+        (root_keys, root_children), (root_attrs, root_weights) = self.root_edges, self.root_params
+        return (all(map(is_, map(model._modules.get, root_keys), root_children))
+                and all(map(is_, map(dict.get, map(_MODULES, parents), keys), children))
+                and all(map(is_, map(model._parameters.get, root_attrs), root_weights))
+                and all(map(is_, map(dict.get, map(_PARAMETERS, owners), attrs), weights)))
 
     def unchanged(self) -> bool:
         """No weight written or reallocated since the last swap (or since the binding was made)."""

@@ -398,3 +398,25 @@ def test_a_loose_apply_never_vouches_for_an_edited_base(trained):
     compact.remove(model)
     with pytest.raises(PatchMismatchError, match="fingerprint"):
         patch.verify(model)
+
+
+def test_a_prepared_patch_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = PaperAutoEncoder(w=4)
+    model.extra = nn.Parameter(torch.randn(3, 3))  # a Parameter held by the model itself
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight")] + ["extra"]
+    handle = sparse_sam.patch(model, 0.05, seed=0, target_parameters=names)
+    patch = handle.export()
+    sparse_sam.unpatch(model)
+    del handle
+    assert "extra" in {l.name for l in patch.layers}
+    alive = weakref.ref(model)
+    _on_and_base(model, patch)
+    assert patch._bindings  # prepared for this model
+    del model
+    gc.collect()
+    assert alive() is None
+    assert not patch._bindings
