@@ -325,6 +325,32 @@ def test_swap_malformed_indices_leave_weights_untouched(cpp, bad):
         assert torch.equal(bits_view(t), b)
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bad", ["unsorted", "duplicate", "too_large", "negative"])
+def test_swap_finds_a_violation_deep_in_a_long_index_vector(cpp, idx_dtype, bad):
+    """The order check runs vectorized where the CPU allows it: a violation at any lane, far from the
+    ends, is still found before anything is written."""
+    g = gen(11)
+    n = 1001  # odd: a vector body and a scalar tail
+    w = torch.randn(20_000, generator=g)
+    for pos in (1, 498, 499, 500, n - 2):
+        idx = torch.arange(0, 19 * n, 19, dtype=torch.int64)
+        if bad == "unsorted":
+            idx[pos], idx[pos + 1] = idx[pos + 1].clone(), idx[pos].clone()
+        elif bad == "duplicate":
+            idx[pos + 1] = idx[pos]
+        elif bad == "too_large":  # in order, but past the end, at the last entry only
+            idx[-1] = w.numel()
+        else:
+            idx[0] = -1
+        idx = idx.to(idx_dtype)
+        vals = torch.randn(n, generator=g)
+        snapshot = [bits_view(t).clone() for t in (w, vals)]
+        with pytest.raises(ValueError, match="#0"):
+            torch.ops.sparse_sam.swap_([w], [idx], [vals])
+        assert all(torch.equal(bits_view(t), b) for t, b in zip((w, vals), snapshot))
+
+
 def test_swap_rejects_mismatched_metadata(cpp):
     w = torch.randn(10)
     with pytest.raises(ValueError, match="values of layer #0"):
