@@ -48,6 +48,7 @@ import operator
 import os
 import tempfile
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -332,6 +333,9 @@ class _Binding:
         self.params = columns([q for q in leaves if q[0] is not model], 3)
         self.root_params = columns([q[1:] for q in leaves if q[0] is model], 2)
         self.source = _source(patch)  # the patch content it was prepared from
+        self.names = [layer.name for layer in patch.layers]
+        self.base_views = base_views
+        self.storage = self._versions()  # each weight's storage, as prepared (with its version then)
         self.versions = self._versions()  # (without a plan) as of the last swap, or of now
         # With the fingerprint checked, the base digests (the keeper of _FP_CACHE's entries while the base
         # is in place); `removed`: the base is in place, as of the last swap or of now.
@@ -342,6 +346,21 @@ class _Binding:
 
     def _versions(self) -> list[tuple[int, int]]:
         return [(w._version, w.data_ptr()) for w in self.weights]
+
+    def reallocated(self) -> list[str]:
+        """The weights whose storage moved since the binding was made (``w.data = ...``), by name."""
+        return [n for n, w, (_, ptr) in zip(self.names, self.weights, self.storage) if w.data_ptr() != ptr]
+
+    def restore_all_but_reallocated(self) -> None:
+        """Remove's fallback when some weights were reallocated while applied: the base bits go back into
+        every other weight; a reallocated one keeps its new contents (its old storage held the patch)."""
+        moved = set(self.reallocated())
+        # While applied, the base bits are in the plan's copy, or (exchanged) in `values`.
+        base = self.base_views if self.plan is not None else self.values
+        with torch.no_grad():
+            for name, w, idx, bits in zip(self.names, self.weights, self.indices, base):
+                if name not in moved:
+                    bits_view(w.detach()).view(-1).index_copy_(0, idx.long(), bits_view(bits))
 
     def chains_intact(self, model: nn.Module) -> bool:
         """Every weight is still the model's Parameter at its name (each shared edge checked once)."""
@@ -379,6 +398,9 @@ class _Binding:
             status = _UNCHANGED if self._versions() == self.versions else 0
             if only_if_unchanged and not status:
                 status = _SKIPPED
+            elif not status and self.reallocated():  # as the native plan: never into other storage
+                raise ValueError(f"swap: the weights {self.reallocated()} were reallocated since the binding "
+                                 "was made")
             else:
                 with torch.no_grad():
                     self.impl.swap_(self.weights, self.indices, self.values)
@@ -626,7 +648,17 @@ class SparsePatch:
             # holds one of them (a module or Parameter replaced meanwhile): whoever holds it gets its
             # base back, and the next apply, finding the chains changed, prepares afresh.
             b = stack[-1][1]
-            untouched = b.swap() & _UNCHANGED
+            try:
+                untouched = b.swap() & _UNCHANGED
+            except ValueError:  # raised before any write; only a reallocated weight does that
+                moved = b.reallocated()
+                if not moved:
+                    raise
+                b.restore_all_but_reallocated()
+                untouched = False
+                warnings.warn(f"remove: {moved} were given new storage while the patch was applied (w.data = "
+                              "...); their old storage held the patch, so they keep their new contents. Every "
+                              "other weight has its base bits back.", stacklevel=2)
             stack.pop()
             if not stack:
                 del _APPLIED[model]

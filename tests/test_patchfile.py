@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import sparse_sam
 from sparse_sam import PatchFileError, PatchMismatchError
-from conftest import PaperAutoEncoder, assert_same_bits, state_bits
+from conftest import PaperAutoEncoder, assert_same_bits, raw_bits, state_bits
 
 
 @pytest.fixture
@@ -260,6 +260,31 @@ def test_remove_restores_a_weight_the_model_no_longer_holds(trained):
     again_on, again_base = _on_and_base(model, patch)  # the old weight back in place: as before
     assert_same_bits(on, again_on)
     assert_same_bits(base, again_base)
+
+
+@pytest.mark.parametrize("plan", [True, False], ids=["native-plan", "exchange"])
+def test_remove_after_a_weight_got_new_storage_restores_the_rest(trained, monkeypatch, plan):
+    from sparse_sam import patchfile
+
+    model, patch, _ = trained
+    if not plan:
+        monkeypatch.setattr(patchfile, "_has_swap_plan", lambda: False)
+    on, base = _on_and_base(model, patch)
+    assert (_plan(patch, model) is not None) == (plan and patchfile._has_swap_plan())
+    moved_name = patch.layers[1].name
+    patch.apply(model)
+    w = model.get_parameter(moved_name)
+    w.data = w.data.clone() + 1.0  # new storage, new contents, while applied
+    new_bits = raw_bits(w.detach().clone())
+    with pytest.warns(UserWarning, match=moved_name):
+        patch.remove(model)
+    assert sparse_sam.applied_patch(model) is None
+    now = state_bits(model)
+    for key in base:
+        if key == moved_name:
+            assert torch.equal(now[key], new_bits)  # its new contents are left alone
+        else:
+            assert torch.equal(now[key], base[key]), key
 
 
 def test_editing_patch_indices_after_preparing_cannot_reach_the_weights(trained):
