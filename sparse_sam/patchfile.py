@@ -480,23 +480,27 @@ class SparsePatch:
         return cls(layers, fingerprint(named), handle.config.sparsity, handle.config.allocation, encoding,
                    handle.config.to_dict())
 
-    def __copy__(self) -> "SparsePatch":
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.layers = list(self.layers)
-        new._bindings = weakref.WeakKeyDictionary()  # prepared state belongs to one object
-        return new
-
-    def __deepcopy__(self, memo) -> "SparsePatch":
+    def _copy(self, memo: dict | None) -> "SparsePatch":
+        """A copy without the prepared state, which belongs to one object and its models: shallow (but
+        with its own list of layers), or deep with ``memo``."""
         import copy
 
         new = object.__new__(type(self))
-        memo[id(self)] = new
+        if memo is not None:
+            memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key != "_bindings":  # prepared state belongs to one object and its models
-                new.__dict__[key] = copy.deepcopy(value, memo)
+            if key != "_bindings":
+                new.__dict__[key] = copy.deepcopy(value, memo) if memo is not None else value
+        if memo is None:
+            new.layers = list(self.layers)
         new._bindings = weakref.WeakKeyDictionary()
         return new
+
+    def __copy__(self) -> "SparsePatch":
+        return self._copy(None)
+
+    def __deepcopy__(self, memo) -> "SparsePatch":
+        return self._copy(memo)
 
     def _fingerprint_of(self, weights: list[Tensor], fresh: bool = False) -> str:
         names = [l.name.rpartition(".")[0] if self._legacy_names else l.name for l in self.layers]
