@@ -8,8 +8,9 @@ Cases, on the data of ``cpp_targets.py`` (same sizes, same seed), one thread:
 * ``swap_``: 100 k sorted entries into a 10 M weight, against ``baselines.swap_loop``.
 
 Each case runs in its own process under callgrind, after the same setup and one warm-up call; a process
-that only does the setup and warm-up is the zero point, so ``(count − zero) / reps`` is the count of one
-call. Instruction counts are not times: a memory-bound op can run far slower than its count suggests.
+that only does the setup and warm-up is the zero point, so ``(count − zero) / calls`` is the count of one
+call. The zero point itself moves by a few million instructions from process to process, so each case
+makes enough calls for that to be a small share (see ``CALLS``). Instruction counts are not times: a memory-bound op can run far slower than its count suggests.
 They are for comparing code (before and after a change, or with the baseline), on any machine of the
 same instruction set. torch picks SIMD kernels at run time, so the baseline's count depends on the CPU's
 vector extensions.
@@ -28,6 +29,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 CASES = ("topk_mask cpp", "topk_mask loop", "swap_ cpp", "swap_ loop")
+# Calls counted per case, per unit of --reps. Two processes' counts differ by a few million
+# instructions (the zero point moves that much), so a case must run far more than that: a swap_ call
+# is about a million instructions, a topk_mask call tens of millions.
+CALLS = {"topk_mask cpp": 1, "topk_mask loop": 1, "swap_ cpp": 40, "swap_ loop": 40}
 
 
 def child(case: str, reps: int) -> None:
@@ -73,7 +78,8 @@ def count(case: str, reps: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3, help="calls counted per case (default 3)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="calls counted: this many of topk_mask, 40 times as many of swap_ (default 3)")
     ap.add_argument("--out", default=None, help="append the table to this file")
     ap.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -90,12 +96,14 @@ def main() -> None:
 
     from common import emit, header
 
-    jobs = [(CASES[0], 0)] + [(c, args.reps) for c in CASES]
+    jobs = [(CASES[0], 0)] + [(c, args.reps * CALLS[c]) for c in CASES]
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         counts = list(pool.map(lambda job: count(*job), jobs))
-    zero, per = counts[0], {c: (n - counts[0]) / args.reps for c, n in zip(CASES, counts[1:])}
+    zero = counts[0]
+    per = {c: (n - zero) / (args.reps * CALLS[c]) for c, n in zip(CASES, counts[1:])}
     lines = header("instructions (callgrind)", f"python benchmarks/instructions.py --reps {args.reps}") + [
-        f"zero point (setup and warm-up): {zero:,} instructions", "",
+        f"zero point (setup and warm-up): {zero:,} instructions; calls counted: "
+        + ", ".join(f"{c} {args.reps * CALLS[c]}" for c in CASES), "",
         "| case | instructions per call | baseline / cpp |", "|---|---|---|"]
     for op in ("topk_mask", "swap_"):
         c, b = per[f"{op} cpp"], per[f"{op} loop"]
