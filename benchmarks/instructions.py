@@ -10,8 +10,8 @@ Cases, on the data of ``cpp_targets.py`` (same sizes, same seed), one thread:
 Each case runs in its own process under callgrind, after the same setup and one warm-up call; a process
 that only does the setup and warm-up is the zero point, so ``(count − zero) / calls`` is the count of one
 call. The zero point itself moves by a few million instructions from process to process, so each case
-makes enough calls for that to be a small share (see ``CALLS``). Instruction counts are not times: a memory-bound op can run far slower than its count suggests.
-They are for comparing code (before and after a change, or with the baseline), on any machine of the
+makes enough calls for that to be a small share (see ``CALLS``). Instruction counts are not times: a
+memory-bound op can run far slower than its count suggests. They are for comparing code (before and after a change, or with the baseline), on any machine of the
 same instruction set. torch picks SIMD kernels at run time, so the baseline's count depends on the CPU's
 vector extensions.
 

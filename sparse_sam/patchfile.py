@@ -209,11 +209,11 @@ _SOURCE_FIELDS = operator.attrgetter("name", "indices", "deltas")
 def _source(patch: "SparsePatch") -> list:
     """A patch's content as the objects it is made of: a binding is reused only for the very tensors it
     was made from (compare with :func:`_same_source`)."""
-    return [x for layer in patch.layers for x in _SOURCE_FIELDS(layer)]
+    return [*itertools.chain.from_iterable(map(_SOURCE_FIELDS, patch.layers))]
 
 
 def _same_source(patch: "SparsePatch", source: list) -> bool:
-    fields = [*itertools.chain.from_iterable(map(_SOURCE_FIELDS, patch.layers))]
+    fields = _source(patch)
     return len(fields) == len(source) and all(map(operator.is_, fields, source))
 
 
@@ -335,8 +335,8 @@ class _Binding:
         self.source = _source(patch)  # the patch content it was prepared from
         self.names = [layer.name for layer in patch.layers]
         self.base_views = base_views
-        self.storage = self._versions()  # each weight's storage, as prepared (with its version then)
         self.versions = self._versions()  # (without a plan) as of the last swap, or of now
+        self.storage = [ptr for _, ptr in self.versions]  # each weight's storage, as prepared
         # With the fingerprint checked, the base digests (the keeper of _FP_CACHE's entries while the base
         # is in place); `removed`: the base is in place, as of the last swap or of now.
         self.digests = [_weight_digest(w) for w in self.weights] if strict else None
@@ -349,12 +349,12 @@ class _Binding:
 
     def reallocated(self) -> list[str]:
         """The weights whose storage moved since the binding was made (``w.data = ...``), by name."""
-        return [n for n, w, (_, ptr) in zip(self.names, self.weights, self.storage) if w.data_ptr() != ptr]
+        return [n for n, w, ptr in zip(self.names, self.weights, self.storage) if w.data_ptr() != ptr]
 
-    def restore_all_but_reallocated(self) -> None:
-        """Remove's fallback when some weights were reallocated while applied: the base bits go back into
-        every other weight; a reallocated one keeps its new contents (its old storage held the patch)."""
-        moved = set(self.reallocated())
+    def restore_all_but(self, moved: list[str]) -> None:
+        """Remove's fallback when the weights named ``moved`` were reallocated while applied: the base bits
+        go back into every other weight; a reallocated one keeps its new contents (its old storage held
+        the patch)."""
         # While applied, the base bits are in the plan's copy, or (exchanged) in `values`.
         base = self.base_views if self.plan is not None else self.values
         with torch.no_grad():
@@ -398,9 +398,8 @@ class _Binding:
             status = _UNCHANGED if self._versions() == self.versions else 0
             if only_if_unchanged and not status:
                 status = _SKIPPED
-            elif not status and self.reallocated():  # as the native plan: never into other storage
-                raise ValueError(f"swap: the weights {self.reallocated()} were reallocated since the binding "
-                                 "was made")
+            elif not status and (moved := self.reallocated()):  # as the native plan: never into other storage
+                raise ValueError(f"swap: the weights {moved} were reallocated since the binding was made")
             else:
                 with torch.no_grad():
                     self.impl.swap_(self.weights, self.indices, self.values)
@@ -658,7 +657,7 @@ class SparsePatch:
                 moved = b.reallocated()
                 if not moved:
                     raise
-                b.restore_all_but_reallocated()
+                b.restore_all_but(moved)
                 untouched = False
                 warnings.warn(f"remove: {moved} were given new storage while the patch was applied (w.data = "
                               "...); their old storage held the patch, so they keep their new contents. Every "

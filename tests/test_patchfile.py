@@ -193,6 +193,11 @@ def _plan(patch, model):
     return patch._bindings[model].plan
 
 
+def _same_bits(xs, ys) -> bool:
+    """Each tensor of ``xs`` has the raw bits of its partner in ``ys``."""
+    return all(torch.equal(raw_bits(x), raw_bits(y)) for x, y in zip(xs, ys, strict=True))
+
+
 def _on_and_base(model, patch):
     """The model's state bits with ``patch`` applied, then after it is removed."""
     with patch.applied(model):
@@ -315,24 +320,22 @@ def test_swap_plan_validates_before_writing():
         with pytest.raises(ValueError, match="layer #"):
             torch.classes.sparse_sam.SwapPlan(ws, bad, vals, [v.clone() for v in vals], True)
         assert all(torch.equal(a, b) for a, b in zip(ws, before))
-    bits = lambda ts: [t.view(torch.int32).clone() for t in ts]
-    same = lambda xs, ys: all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(xs, ys))
     base = [w.reshape(-1)[i].clone() for w, i in zip(ws, good)]
     plan = torch.classes.sparse_sam.SwapPlan(ws, good, vals, base, True)
     unchanged, matched = 1, 2
     assert plan.swap(True) == unchanged | matched and plan.on()
-    assert same([w.reshape(-1)[i] for w, i in zip(ws, good)], vals)
+    assert _same_bits([w.reshape(-1)[i] for w, i in zip(ws, good)], vals)
     assert plan.swap(True) == unchanged | matched and not plan.on()
-    assert same(ws, before)
+    assert _same_bits(ws, before)
     ws[1].view(-1)[34] += 1.0  # a versioned write of the base under the patch
     assert not plan.unchanged()
-    edited = bits(ws)
-    assert plan.swap(True) == -1 and same(ws, edited)  # skipped: nothing written
+    edited = [w.clone() for w in ws]
+    assert plan.swap(True) == -1 and _same_bits(ws, edited)  # skipped: nothing written
     # Forced, switching on finds an entry that is not the base bits: every entry it wrote goes back.
-    assert plan.swap(False) == 0 and not plan.on() and same(ws, edited)
+    assert plan.swap(False) == 0 and not plan.on() and _same_bits(ws, edited)
     ws[1].view(-1)[34] = base[1][1]  # the base again (the version moves; the plan re-reads it)
     assert plan.swap(False) == matched and plan.on()
-    assert plan.swap(True) == unchanged | matched and same(ws, before)
+    assert plan.swap(True) == unchanged | matched and _same_bits(ws, before)
 
 
 def test_swap_plan_catches_an_unversioned_edit_at_any_entry():
@@ -352,9 +355,9 @@ def test_swap_plan_catches_an_unversioned_edit_at_any_entry():
     for layer, entry in ((0, 0), (1, 16_000), (2, idx[2].numel() - 1)):
         w = ws[layer]
         w.data.view(-1)[idx[layer][entry]] = 7.0  # no version bump
-        before = [x.view(torch.int32).clone() for x in ws]
+        before = [x.clone() for x in ws]
         assert plan.swap(True) == 1 and not plan.on()  # unchanged by its counters, but not matched
-        assert all(torch.equal(x.view(torch.int32), y) for x, y in zip(ws, before))
+        assert _same_bits(ws, before)
         w.data.view(-1)[idx[layer][entry]] = base[layer][entry]
     assert plan.swap(True) == 3 and plan.on()
 
