@@ -274,3 +274,47 @@ def test_cosine_schedule_holds_the_last_epochs():
     assert lrs[0] == pytest.approx(1.0) and lrs[3:] == pytest.approx([0.1] * 3) and lrs[2] > 0.1
     with pytest.raises(ValueError, match="hold_epochs"):
         M._scheduler(opt, "cosine", 3, 0.1, hold_epochs=3)
+
+
+def test_budget_study_tiny(tmp_path):
+    """The budget study runs DA and ZFDA per width and γ, and its table states each ZFDA − DA gap."""
+    pytest.importorskip("skimage")
+    from sparse_sam.experiments.sweep import budget_md, run_budget
+
+    p = replace(PRESETS["ci"], sizes=dict(n_orig_train=256, n_orig_test=32, n_dom_train=64, n_dom_test=32),
+                pretrain=replace(PRESETS["ci"].pretrain, epochs=2), da=replace(PRESETS["ci"].da, epochs=1),
+                zfda=replace(PRESETS["ci"].zfda, epochs=1))
+    rep = run_budget(p, out=str(tmp_path), progress=False, cache_dir=str(tmp_path / "cache"),
+                     domains=("VA", "VH"), grid={4: (0.01, 0.05), 6: (0.02,)})
+    assert list(rep["widths"]) == ["4", "6"]
+    w4, w6 = rep["widths"]["4"], rep["widths"]["6"]
+    assert w4["params"] < w6["params"]
+    assert list(w4["zfda"]) == ["0.01", "0.05"] and list(w6["zfda"]) == ["0.02"]
+    for e in (w4, w6):
+        for rows in [e["da"], *e["zfda"].values()]:
+            assert set(rows) == {"VA", "VH"}
+            assert all(math.isfinite(r["psnr"]) and r["train_loss"] > 0 for r in rows.values())
+    # More budget, more modified entries, each exactly round(γ · N) of the width's weights.
+    assert w4["zfda"]["0.01"]["VA"]["entries"] < w4["zfda"]["0.05"]["VA"]["entries"]
+    md = (tmp_path / "tables.md").read_text()
+    assert md == budget_md(rep) and json.loads((tmp_path / "budget.json").read_text())["widths"].keys() == {"4", "6"}
+    gap = w4["zfda"]["0.05"]["VH"]["psnr"] - w4["da"]["VH"]["psnr"]
+    assert f"({gap:+.2f})" in md
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cached base per width
+    # Over seeds: the gap's mean and sample std per cell, and the seeds that meet 0.3 dB everywhere.
+    import copy
+
+    from sparse_sam.experiments.sweep import aggregate_budget, budget_seeds_md
+
+    rep2 = copy.deepcopy(rep)
+    rep2["seed"] = 1
+    rep2["widths"]["4"]["zfda"]["0.05"]["VH"]["psnr"] += 1.0
+    agg = aggregate_budget([rep, rep2])
+    cell = agg["widths"]["4"]["zfda"]["0.05"]["gap"]["VH"]
+    assert cell["values"] == pytest.approx([gap, gap + 1.0]) and cell["mean"] == pytest.approx(gap + 0.5)
+    assert cell["std"] == pytest.approx(math.sqrt(0.5))
+    assert agg["widths"]["4"]["zfda"]["0.01"]["gap"]["VA"]["std"] == 0.0
+    within = [min(r["widths"]["4"]["zfda"]["0.05"][c]["psnr"] - r["widths"]["4"]["da"][c]["psnr"]
+                  for c in ("VA", "VH")) >= -0.3 for r in (rep, rep2)]
+    assert agg["widths"]["4"]["zfda"]["0.05"]["all_within_0.3"] == within
+    assert f"{gap + 0.5:+.2f} ± {math.sqrt(0.5):.2f}" in budget_seeds_md(agg)

@@ -3,6 +3,7 @@
     python -m sparse_sam.experiments.reproduce --preset quick --data embedded --out results/quick
     python -m sparse_sam.experiments.reproduce --preset quick --seeds 0,1,2 --out results/quick3
     python -m sparse_sam.experiments.reproduce --preset sweep --out results/sweep
+    python -m sparse_sam.experiments.reproduce --preset budget --out results/budget
     python -m sparse_sam.experiments.reproduce --preset paper --data cifar100 --root PATH \\
         --out results/paper --device cuda
 
@@ -616,11 +617,22 @@ def seeds_md(agg: dict) -> str:
     return "\n".join(L)
 
 
+def _write_seeds(out: str, json_name: str, agg: dict, md_fn) -> None:
+    """A multi-seed summary: ``out/json_name`` and ``out/seeds.md`` (``md_fn(agg)``, also printed)."""
+    md = md_fn(agg)
+    with open(os.path.join(out, json_name), "w") as f:
+        json.dump(agg, f, indent=1)
+    with open(os.path.join(out, "seeds.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparse_sam.experiments.reproduce", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted([*PRESETS, "sweep"]), default="quick",
+    ap.add_argument("--preset", choices=sorted([*PRESETS, "sweep", "budget"]), default="quick",
                     help="sweep: the learning-rate sweeps and ZFDA lever table on the quick preset's data and "
-                         "pre-trained model (see sparse_sam.experiments.sweep)")
+                         "pre-trained model; budget: ZFDA against DA at several budgets γ and base widths "
+                         "(both in sparse_sam.experiments.sweep)")
     ap.add_argument("--data", choices=("embedded", "cifar100"), default="embedded")
     ap.add_argument("--root", default=None, help="CIFAR-100 folder (cifar-100-python or its parent)")
     ap.add_argument("--out", default=None, help="output folder (default results/<preset>)")
@@ -660,6 +672,16 @@ def main(argv=None) -> int:
                             s, a.device, not a.no_progress, a.link, cache_dir)
             print(sweep_md(rep))
         return 0
+    if a.preset == "budget":
+        from .sweep import aggregate_budget, budget_md, budget_seeds_md, run_budget
+
+        reps = [run_budget(PRESETS["quick"], a.data, a.root, out if a.seeds is None else os.path.join(out, f"seed{s}"),
+                           s, a.device, not a.no_progress, a.link, cache_dir) for s in seeds]
+        if a.seeds is None:
+            print(budget_md(reps[0]))
+            return 0
+        _write_seeds(out, "budget_seeds.json", aggregate_budget(reps), budget_seeds_md)
+        return 0
     if a.seeds is None:
         report = run(PRESETS[a.preset], a.data, a.root, out, a.seed, a.device, not a.no_progress, not a.no_plots,
                      link=a.link, cache_dir=cache_dir)
@@ -667,12 +689,7 @@ def main(argv=None) -> int:
         return 0 if all(report["results"]["checks"][k] for k in CHECKS_REQUIRED) else 1
     reports = [run(PRESETS[a.preset], a.data, a.root, os.path.join(out, f"seed{s}"), s, a.device,
                    not a.no_progress, not a.no_plots, link=a.link, cache_dir=cache_dir) for s in seeds]
-    agg = aggregate_seeds(reports)
-    with open(os.path.join(out, "seeds.json"), "w") as f:
-        json.dump(agg, f, indent=1)
-    with open(os.path.join(out, "seeds.md"), "w") as f:
-        f.write(seeds_md(agg))
-    print(seeds_md(agg))
+    _write_seeds(out, "seeds.json", aggregate_seeds(reports), seeds_md)
     return 0 if all(r["results"]["checks"][k] for r in reports for k in CHECKS_REQUIRED) else 1
 
 
