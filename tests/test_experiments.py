@@ -1,4 +1,5 @@
 """The experiment pipeline: method accounting on a tiny model, and the whole `ci` preset end to end."""
+import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -318,3 +319,8 @@ def test_budget_study_tiny(tmp_path):
                   for c in ("VA", "VH")) >= -0.3 for r in (rep, rep2)]
     assert agg["widths"]["4"]["zfda"]["0.05"]["all_within_0.3"] == within
     assert f"{gap + 0.5:+.2f} ± {math.sqrt(0.5):.2f}" in budget_seeds_md(agg)
+    if importlib.util.find_spec("matplotlib") is not None:
+        from sparse_sam.experiments import plots
+
+        plots.budget(agg, str(tmp_path / "budget.png"))
+        assert (tmp_path / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

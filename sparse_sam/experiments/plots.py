@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .domains import save_domain_grid
 
-__all__ = ["fig2", "fig3", "fig4", "memory"]
+__all__ = ["budget", "fig2", "fig3", "fig4", "memory"]
 
 
 def _gamma_axis(ax, gammas_pct) -> None:
@@ -112,3 +112,27 @@ def memory(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(plt, fig, path)
+
+
+def budget(agg: dict, path: str) -> None:
+    """ZFDA − DA (dB) against the number of modified entries, one panel per domain: the budget study
+    over seeds (:func:`sparse_sam.experiments.sweep.aggregate_budget`), mean ± std, one line per base
+    width, with the ±0.3 dB goal band."""
+    plt = _plt()
+    doms = agg["domains"]
+    fig, axes = plt.subplots(1, len(doms), figsize=(3.2 * len(doms), 3.2), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], doms):
+        ax.axhspan(-0.3, 0.3, color="0.9", label="±0.3 dB of DA")
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        for w, e in agg["widths"].items():
+            pts = sorted((z["entries"], z["gap"][c]["mean"], z["gap"][c]["std"], float(g)) for g, z in e["zfda"].items())
+            xs, ys, es, gs = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"width {w} ({e['params']:,} params)")
+            for x, y, g in zip(xs, ys, gs):
+                ax.annotate(f"{100 * g:g}%", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(c)
+        ax.set_xlabel("modified entries")
+    axes[0][0].set_ylabel("ZFDA − baseline DA (dB)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    _save(plt, fig, path, f"Budget study, seeds {', '.join(map(str, agg['seeds']))}: mean ± std")

@@ -680,7 +680,12 @@ def main(argv=None) -> int:
         if a.seeds is None:
             print(budget_md(reps[0]))
             return 0
-        _write_seeds(out, "budget_seeds.json", aggregate_budget(reps), budget_seeds_md)
+        agg = aggregate_budget(reps)
+        _write_seeds(out, "budget_seeds.json", agg, budget_seeds_md)
+        if not a.no_plots:
+            from . import plots
+
+            plots.budget(agg, os.path.join(out, "budget.png"))
         return 0
     if a.seeds is None:
         report = run(PRESETS[a.preset], a.data, a.root, out, a.seed, a.device, not a.no_progress, not a.no_plots,
