@@ -295,7 +295,13 @@ def test_budget_study_tiny(tmp_path):
         for rows in [e["da"], *e["zfda"].values()]:
             assert set(rows) == {"VA", "VH"}
             assert all(math.isfinite(r["psnr"]) and r["train_loss"] > 0 for r in rows.values())
-    # More budget, more modified entries, each exactly round(γ · N) of the width's weights.
+    # More budget, more modified entries: exactly the budgets patch() allocates on that width's net.
+    from sparse_sam.budget import layer_budgets
+
+    for w, e in ((4, w4), (6, w6)):
+        for g, rows in e["zfda"].items():
+            want = sum(layer_budgets(SemanticAutoencoder(w), float(g)).values())
+            assert {r["entries"] for r in rows.values()} == {want}, (w, g)
     assert w4["zfda"]["0.01"]["VA"]["entries"] < w4["zfda"]["0.05"]["VA"]["entries"]
     md = (tmp_path / "tables.md").read_text()
     assert md == budget_md(rep) and json.loads((tmp_path / "budget.json").read_text())["widths"].keys() == {"4", "6"}

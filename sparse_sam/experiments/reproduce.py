@@ -327,13 +327,9 @@ def run(preset: Preset, data_source: str = "embedded", root: str | None = None, 
                                                  **data.info},
               "domain_ranges": DOMAIN_RANGES, "seed": seed, "link": link, "versions": _versions(),
               "device": _device_info(device), "timings_s": timings, "results": results,
-              "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("reproduce.py") else None}
+              "command": _command()}
     if out is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(report, f, indent=1, default=_json_default)
-        with open(os.path.join(out, "tables.md"), "w") as f:
-            f.write(tables_md(report))
+        _write_outputs(out, "results.json", report, "tables.md", tables_md(report))
         if plots:
             from . import plots as P
 
@@ -343,6 +339,20 @@ def run(preset: Preset, data_source: str = "embedded", root: str | None = None, 
             P.memory(report, os.path.join(out, "memory.png"))
         log(f"[done] {timings['total']:.1f} s; wrote {out}")
     return report
+
+
+def _command() -> str | None:
+    """The command line, when this module runs as a script (recorded in every report)."""
+    return " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("reproduce.py") else None
+
+
+def _write_outputs(out: str, json_name: str, obj: dict, md_name: str, md: str) -> None:
+    """``out/json_name`` (``obj`` as JSON; dataclasses and tuples as objects and lists) and ``out/md_name``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, json_name), "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+    with open(os.path.join(out, md_name), "w") as f:
+        f.write(md)
 
 
 def _json_default(o):
@@ -620,10 +630,7 @@ def seeds_md(agg: dict) -> str:
 def _write_seeds(out: str, json_name: str, agg: dict, md_fn) -> None:
     """A multi-seed summary: ``out/json_name`` and ``out/seeds.md`` (``md_fn(agg)``, also printed)."""
     md = md_fn(agg)
-    with open(os.path.join(out, json_name), "w") as f:
-        json.dump(agg, f, indent=1)
-    with open(os.path.join(out, "seeds.md"), "w") as f:
-        f.write(md)
+    _write_outputs(out, json_name, agg, "seeds.md", md)
     print(md)
 
 

@@ -24,8 +24,6 @@ final training loss (:data:`BUDGET_GRID`; writes ``budget.json`` and ``tables.md
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -63,16 +61,12 @@ def run_sweep(preset, data_source: str = "embedded", root: str | None = None, ou
               seed: int = 0, device: str = "cpu", progress: bool = True, link: str = "identity",
               cache_dir: str | None = None, domains=DOMAINS) -> dict:
     """Run the sweeps on ``preset``'s data and pre-trained model; write ``out`` (if given); return the report."""
-    from .reproduce import _device_info, _domain_sets, _versions, load_or_pretrain
+    from .reproduce import load_or_pretrain
 
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     t_start = time.perf_counter()
-    data = load_data(data_source, root, seed=seed, **preset.sizes)
-    doms = _domain_sets(data, seed)
-    base = M.Scenario(data.orig_train, data.orig_test, device=device, seed=seed, progress=False, link=link)
+    log, data, doms, base = _setup(preset, data_source, root, seed, device, link, progress)
     pre_res = load_or_pretrain(preset, base, data_source, root, cache_dir, log)
-    scen = {c: replace(base, dom_train=doms[c][0], dom_test=doms[c][1], domain=c, pretrained=pre_res.artifact)
-            for c in domains}
+    scen = _scenarios(base, doms, pre_res.artifact, domains)
 
     def score(rows):
         return _mean(r["psnr"] for r in rows.values())
@@ -127,21 +121,36 @@ def run_sweep(preset, data_source: str = "embedded", root: str | None = None, ou
                               "domains": max(da, key=lambda r: r["mean"])["domains"]}
     # The 2x-epochs lever gets a DA with 2x epochs too, so the comparison stays at equal epochs.
     report["da_2x_epochs"] = da_row(replace(M.TrainConfig(**report["da_best"]), epochs=2 * cfg.epochs))
+    return _finish(report, t_start, device, out, "sweep.json", sweep_md, log)
+
+
+def _setup(preset, data_source, root, seed, device, link, progress):
+    """``(log, data, domain sets, base Scenario)`` of a study on ``preset``'s data."""
+    from .reproduce import _domain_sets
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    data = load_data(data_source, root, seed=seed, **preset.sizes)
+    base = M.Scenario(data.orig_train, data.orig_test, device=device, seed=seed, progress=False, link=link)
+    return log, data, _domain_sets(data, seed), base
+
+
+def _scenarios(base, doms, pretrained, domains) -> dict:
+    """Domain code -> the base Scenario with that domain's data and ``pretrained``."""
+    return {c: replace(base, dom_train=doms[c][0], dom_test=doms[c][1], domain=c, pretrained=pretrained)
+            for c in domains}
+
+
+def _finish(report: dict, t_start: float, device: str, out, json_name: str, md_fn, log) -> dict:
+    """Stamp ``report`` (versions, device, wall time, command) and write ``out/json_name`` and
+    ``out/tables.md`` (``md_fn(report)``) when ``out`` is given."""
+    from .reproduce import _command, _device_info, _versions, _write_outputs
+
     report.update(versions=_versions(), device=_device_info(device), wall_s=time.perf_counter() - t_start,
-                  command=" ".join(sys.argv) if sys.argv and sys.argv[0].endswith("reproduce.py") else None)
+                  command=_command())
     if out is not None:
-        _write(out, "sweep.json", report, sweep_md(report))
-        log(f"[done] sweep {report['wall_s']:.1f} s; wrote {out}")
+        _write_outputs(out, json_name, report, "tables.md", md_fn(report))
+        log(f"[done] {json_name} {report['wall_s']:.1f} s; wrote {out}")
     return report
-
-
-def _write(out: str, json_name: str, report: dict, md: str) -> None:
-    """``out/json_name`` (the report) and ``out/tables.md`` (its Markdown)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, json_name), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(md)
 
 
 def _cells(row, domains):
@@ -207,21 +216,17 @@ def run_budget(preset, data_source: str = "embedded", root: str | None = None, o
     "last_epoch_gain_db", "params", "da": {domain: run}, "zfda": {γ: {domain: run}}}}, ...}`` with
     ``run = {"psnr", "train_loss", "entries", "wall_s"}`` (``entries``: modified weights, ZFDA only).
     """
-    from .reproduce import _device_info, _domain_sets, _versions, load_or_pretrain
+    from .reproduce import load_or_pretrain
 
     grid = dict(BUDGET_GRID if grid is None else grid)
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     t_start = time.perf_counter()
-    data = load_data(data_source, root, seed=seed, **preset.sizes)
-    doms = _domain_sets(data, seed)
-    base = M.Scenario(data.orig_train, data.orig_test, device=device, seed=seed, progress=False, link=link)
+    log, data, doms, base = _setup(preset, data_source, root, seed, device, link, progress)
     report: dict = {"preset": preset.name, "seed": seed, "link": link, "data": data.source, "domains": list(domains),
                     "da_config": asdict(preset.da), "zfda_config": asdict(preset.zfda), "widths": {}}
     for width, gammas in grid.items():
         pw = replace(preset, width=int(width))
         pre = load_or_pretrain(pw, base, data_source, root, cache_dir, log)
-        scen = {c: replace(base, dom_train=doms[c][0], dom_test=doms[c][1], domain=c, pretrained=pre.artifact)
-                for c in domains}
+        scen = _scenarios(base, doms, pre.artifact, domains)
         entry = {"aligned": pre.psnr["aligned"], "last_epoch_gain_db": pre.info.get("last_epoch_gain_db"),
                  "params": sum(p.numel() for p in pre.artifact.parameters()), "da": {}, "zfda": {}}
         for c in domains:
@@ -237,12 +242,7 @@ def run_budget(preset, data_source: str = "embedded", root: str | None = None, o
             entry["zfda"][repr(float(g))] = rows
             log(f"[budget] width {width}, γ {g:g}: ZFDA {_mean(v['psnr'] for v in rows.values()):.2f} dB")
         report["widths"][str(width)] = entry
-    report.update(versions=_versions(), device=_device_info(device), wall_s=time.perf_counter() - t_start,
-                  command=" ".join(sys.argv) if sys.argv and sys.argv[0].endswith("reproduce.py") else None)
-    if out is not None:
-        _write(out, "budget.json", report, budget_md(report))
-        log(f"[done] budget study {report['wall_s']:.1f} s; wrote {out}")
-    return report
+    return _finish(report, t_start, device, out, "budget.json", budget_md, log)
 
 
 def budget_md(rep: dict) -> str:
