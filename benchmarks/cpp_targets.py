@@ -9,7 +9,9 @@ Prints, each against a baseline measured in the same run (baselines: ``baselines
   outputs + ``index_fill_`` of a preallocated mask (target >= 10x), and vs the memory floor: two reads
   of the scores plus the mask write at the measured copy bandwidth (target within 3x);
 * ``sam_weight`` forward + backward achieved bandwidth vs copy bandwidth (target >= 60%);
-* ``swap_`` of 100k entries into a 10M-element weight (target <= 0.2 ms), beside the plain index loop.
+* ``swap_`` of 100k entries into a 10M-element weight (target <= 0.2 ms), beside the plain index loop
+  and beside a single gather of the same entries (``index_select(out=)``, which reads the same scattered
+  cache lines and writes nothing back: the floor of any op on them, whatever the machine).
 
 ``--out FILE`` appends the table, headed by the command, the date, the machine (``lscpu`` model) and
 the commit, to FILE; ``--save`` appends it to ``benchmarks/results/<cpu-model>/cpp_targets.md``.
@@ -141,10 +143,15 @@ def main() -> None:
     idx = torch.randperm(n, generator=g)[: args.swap_entries].sort().values
     vals = torch.randn(args.swap_entries, generator=g)
     plain_swap = swap_loop([weight], [idx], [vals])
-    t = median_times({"cpp": lambda: cpp.swap_([weight], [idx], [vals]), "loop": plain_swap}, max(r, 50))
-    t_swap, t_swap_loop = t["cpp"], t["loop"]
+    # The floor of any op on these entries: one plain gather of them (it reads the same scattered cache
+    # lines and writes nothing back into the weight), timed in the same rounds.
+    gathered = torch.empty_like(vals)
+    t = median_times({"cpp": lambda: cpp.swap_([weight], [idx], [vals]), "loop": plain_swap,
+                      "gather": lambda: torch.index_select(weight, 0, idx, out=gathered)}, max(r, 50))
+    t_swap, t_swap_loop, t_gather = t["cpp"], t["loop"], t["gather"]
     out(f"swap_ {args.swap_entries:,} into {n:,}     {t_swap * 1e3:8.3f} ms   (target <= 0.2 ms); "
-        f"index loop {t_swap_loop * 1e3:.3f} ms")
+        f"index loop {t_swap_loop * 1e3:.3f} ms; one gather index_select(out=) {t_gather * 1e3:.3f} ms, "
+        f"swap_/gather {t_swap / t_gather:.2f}")
     # A patch applied once finds nothing in cache: flush the caches (a copy larger than L3) before each.
     big = torch.randn(32_000_000, generator=g)
     big_dst = torch.empty_like(big)
