@@ -10,9 +10,6 @@ import os
 from setuptools import setup
 
 PACKAGES = ["sparse_sam", "sparse_sam.experiments", "sparse_sam.kernels"]
-# kernels/ lives at the top level (docs/design.md §2) but installs as sparse_sam.kernels: a top-level
-# `kernels` module would collide with an existing PyPI package.
-PACKAGE_DIR = {"sparse_sam.kernels": "kernels"}
 
 
 def _ext_modules():
@@ -42,4 +39,4 @@ def _ext_modules():
 
 
 ext_modules, cmdclass = _ext_modules()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

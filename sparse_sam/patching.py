@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -350,6 +351,77 @@ def _freeze_norm(tx: _Transaction, m: nn.Module, norm: str) -> None:
             lambda: [h.remove() for h in hooks])
 
 
+def _frozen_matrices(model: nn.Module, targets: dict, flags: list) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(module, its Parameters) for every module that directly holds a 2-D floating Parameter which was
+    trainable before patch() froze it and which is not a selected weight."""
+    selected = {id(t.param) for t in targets.values()}
+    trainable = {id(p) for p, rg in flags if rg}
+    out = []
+    for m in model.modules():
+        ps = [p for p in m._parameters.values() if p is not None and p.dim() == 2 and p.is_floating_point()
+              and id(p) in trainable and id(p) not in selected]
+        if ps:
+            out.append((m, ps))
+    return out
+
+
+def _mirror_flags(tx: _Transaction, frozen: list[tuple[nn.Module, list[nn.Parameter]]]) -> None:
+    """Outside autograd, give the frozen weights of ``frozen`` their ``requires_grad=True`` back for the
+    duration of their module's forward.
+
+    PyTorch's ``matmul`` folds a 3-D input into one matrix product or not depending on whether the 2-D
+    operand requires grad, even under ``torch.no_grad`` (a non-contiguous input, e.g. a batch-first LSTM
+    output, through ``nn.Linear``, gives other last bits). A weight the selection left out is frozen
+    while patched, so without this a patched model under ``no_grad`` would compute other bits than the
+    applied patch (and :meth:`SAMHandle.disabled` other bits than the base) in such a layer. Selected
+    weights mirror their flag themselves (:meth:`PatchedWeight.effective`). In a grad-mode forward the
+    weights stay frozen, so that no gradient reaches them; there the last bits of such a layer may
+    differ from the unpatched model's. A per-Parameter count keeps the flag on while any module using it
+    runs (tied or nested), and the forward hook runs even when the forward raises, so the weights are
+    frozen again whatever happens.
+    """
+    if not frozen:
+        return
+    lock = threading.Lock()
+    depth: dict[int, int] = {}
+    entered: dict[int, list[bool]] = {}
+
+    def pre(mod, args):
+        on = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with lock:
+            entered.setdefault(id(mod), []).append(on)
+            if on:
+                for p in mod._sparse_sam_frozen:
+                    depth[id(p)] = depth.get(id(p), 0) + 1
+                    if depth[id(p)] == 1:
+                        p.requires_grad_(True)
+
+    def post(mod, args, out):
+        with lock:
+            stack = entered.get(id(mod))
+            if not stack or not stack.pop():
+                return
+            for p in mod._sparse_sam_frozen:
+                depth[id(p)] -= 1
+                if depth[id(p)] == 0:
+                    del depth[id(p)]
+                    p.requires_grad_(False)
+
+    for m, ps in frozen:
+        hooks = []
+
+        def add(m=m, ps=ps, hooks=hooks):
+            m.__dict__["_sparse_sam_frozen"] = ps
+            hooks.extend((m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)))
+
+        def remove(m=m, hooks=hooks):
+            for h in hooks:
+                h.remove()
+            m.__dict__.pop("_sparse_sam_frozen", None)
+
+        tx.step("flags", add, remove)
+
+
 def _as_config(config, kwargs) -> SAMConfig:
     if isinstance(config, SAMConfig):
         cfg = dataclasses.replace(config, **kwargs) if kwargs else config
@@ -419,7 +491,9 @@ def patch(model: nn.Module, config: SAMConfig | float | None = None, /, **option
     * every module holding a selected weight gets a subclass of its own class in which that attribute
       is computed as ``W + m ⊙ v`` (:mod:`sparse_sam.modules`); it gains ``<attr>_sam_scores``,
       ``<attr>_sam_delta`` Parameters and a ``<attr>_sam_mask`` buffer (one set per unique weight);
-    * every base parameter is frozen (``requires_grad=False``);
+    * every base parameter is frozen (``requires_grad=False``); outside autograd, a 2-D weight left out
+      of the selection gets its flag back while its module runs, so that PyTorch picks the kernels it
+      would pick unpatched (``_mirror_flags``);
     * normalisation layers never update their running statistics (``norm``).
 
     Unsupported weights (floating, ≥ 2-D, of no kind in :mod:`sparse_sam.budget`'s table) are skipped
@@ -446,6 +520,7 @@ def patch(model: nn.Module, config: SAMConfig | float | None = None, /, **option
         flags = [(p, p.requires_grad) for p in model.parameters()]
         tx.step("freeze", lambda: [p.requires_grad_(False) for p, _ in flags],
                 lambda: [p.requires_grad_(rg) for p, rg in flags])
+        _mirror_flags(tx, _frozen_matrices(model, targets, flags))
         for m in _norm_layers(model):
             _freeze_norm(tx, m, cfg.norm)
         layers: dict[str, PatchedWeight] = {}

@@ -187,3 +187,107 @@ def test_target_parameters_globs():
     assert any(n.endswith("layernorm_before.weight") for n in names)  # 1-D weights too, when named
     assert handle.layers["vit.embeddings.position_embeddings"].d_out == 17  # (1, 17, 16): leading 1 dropped
     sparse_sam.unpatch(model)
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_weights_named_are_trained_and_switch_exactly(kind):
+    """nn.LSTM/GRU/RNN are not a default kind (they are skipped with the warning), but their weights can be
+    named: the recurrent forward rebuilds its flat weight list when a weight is a new tensor, so it reads
+    the patched W + m ⊙ v, and the exported patch reproduces the trained model bit for bit."""
+    torch.manual_seed(3)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = kind(7, 12, num_layers=2, batch_first=True)
+            self.head = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model, x = Seq(), torch.randn(3, 6, 7)
+    before = state_bits(model)
+    with pytest.warns(UserWarning, match="rnn.weight_hh_l1"):
+        handle = sparse_sam.patch(model, 0.05)  # the default skips them, naming each
+    assert list(handle.layers) == ["head.weight"]
+    sparse_sam.unpatch(model)
+    with torch.no_grad():  # (the CPU LSTM itself computes other last bits with and without autograd)
+        y_base = model(x)
+    # Only the recurrent weights: whatever moves the output goes through the recurrent layer itself.
+    handle = sparse_sam.patch(model, 0.05, seed=0, target_parameters=["rnn.weight_*"])
+    assert sorted(handle.layers) == sorted(f"rnn.weight_{a}_l{i}" for a in ("ih", "hh") for i in (0, 1))
+    opt = torch.optim.Adam(handle.param_groups(lr_scores=0.05, lr_delta=1e-2))
+    for _ in range(3):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Outside autograd: the head is left out of the selection and reads the LSTM's non-contiguous
+    # batch-first output, the case _mirror_flags exists for.
+    with torch.no_grad():
+        y_patched = model(x)
+        with handle.disabled():
+            y_off = model(x)
+    patch = handle.export()
+    sparse_sam.unpatch(model)
+    assert_same_bits(before, state_bits(model))
+    assert all(l.deltas.abs().sum() > 0 for l in patch.layers), "no gradient reached a recurrent weight"
+    assert not torch.equal(y_patched, y_base)
+    assert torch.equal(raw_bits(y_off), raw_bits(y_base))
+    with torch.no_grad():
+        assert torch.equal(raw_bits(model(x)), raw_bits(y_base))
+        with patch.applied(model):
+            y_applied = model(x)
+    assert torch.equal(raw_bits(y_patched), raw_bits(y_applied))
+    assert_same_bits(before, state_bits(model))
+
+
+def test_weights_left_out_compute_the_unpatched_bits_outside_autograd():
+    """A 2-D weight the selection leaves out is frozen while patched, and PyTorch's matmul folds a
+    non-contiguous 3-D input differently for a frozen weight, even under no_grad: outside autograd the
+    patched model must still compute the applied patch's bits, and the flag must be frozen again after
+    every forward (also one that raises), so that no gradient ever reaches the weight."""
+    torch.manual_seed(5)
+    lin = nn.Linear(12, 5)
+    x = torch.randn(6, 3, 12).transpose(0, 1)  # (3, 6, 12), not contiguous
+    with torch.no_grad():
+        y_trainable = lin(x)
+        lin.weight.requires_grad_(False)
+        y_frozen = lin(x)
+        lin.weight.requires_grad_(True)
+    if torch.equal(y_trainable, y_frozen):
+        pytest.skip("this PyTorch build folds the same way for frozen weights; nothing to mirror")
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 12), lin
+
+        def forward(self, x, fail=False):
+            y = self.b(self.a(x).transpose(0, 1).contiguous().transpose(0, 1))
+            if fail:
+                raise RuntimeError("in forward")
+            return y
+
+    model = TwoHeads()
+    with torch.no_grad():
+        y_base = model(x)
+    handle = sparse_sam.patch(model, 0.2, seed=0, target_parameters=["a.weight"])
+    with torch.no_grad():
+        handle.layers["a.weight"].delta.normal_()
+        y_patched = model(x)
+        with handle.disabled():
+            y_off = model(x)
+        with pytest.raises(RuntimeError, match="in forward"):
+            model(x, fail=True)
+    assert not lin.weight.requires_grad and not lin.bias.requires_grad
+    model(x).sum().backward()  # grad mode: frozen throughout
+    assert lin.weight.grad is None and handle.layers["a.weight"].delta.grad is not None
+    assert torch.equal(raw_bits(y_off), raw_bits(y_base))
+    patch = handle.export()
+    sparse_sam.unpatch(model)
+    assert lin.weight.requires_grad and "_sparse_sam_frozen" not in lin.__dict__
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
+    with torch.no_grad(), patch.applied(model):
+        y_applied = model(x)
+    assert torch.equal(raw_bits(y_patched), raw_bits(y_applied))

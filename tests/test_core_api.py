@@ -41,8 +41,10 @@ def tied_model():
     return nn.Sequential(emb, nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.BatchNorm1d(5), head)
 
 
-@pytest.mark.parametrize("norm", ["frozen", "batch"])
-def test_failure_at_every_step_rolls_everything_back(monkeypatch, norm):
+@pytest.mark.parametrize("norm,targets", [("frozen", None), ("batch", None),
+                                          ("frozen", ["0.weight", "1.linear1.weight"])])
+def test_failure_at_every_step_rolls_everything_back(monkeypatch, norm, targets):
+    # The partial selection leaves 2-D weights out, which adds the flag-mirror steps (_mirror_flags).
     model = tied_model()
     before = model_snapshot(model)
     n = 0
@@ -56,7 +58,7 @@ def test_failure_at_every_step_rolls_everything_back(monkeypatch, norm):
 
         monkeypatch.setattr(patching, "_before_step", fail)
         try:
-            handle = sparse_sam.patch(model, 0.1, norm=norm)
+            handle = sparse_sam.patch(model, 0.1, norm=norm, target_parameters=targets)
         except RuntimeError as e:
             assert f"injected at step {n}" in str(e)
             assert_snapshot(before, model_snapshot(model))
@@ -64,9 +66,11 @@ def test_failure_at_every_step_rolls_everything_back(monkeypatch, norm):
             continue
         break
     assert n >= 8, f"only {n} steps were exercised"
+    assert (calls.count("flags") > 0) == (targets is not None)
     monkeypatch.setattr(patching, "_before_step", None)
     handle.unpatch()
     assert_snapshot(before, model_snapshot(model))
+    assert not any("_sparse_sam_frozen" in m.__dict__ for m in model.modules())
 
 
 def test_typo_in_backend_changes_nothing_and_patch_still_works(monkeypatch):
