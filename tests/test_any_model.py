@@ -1,4 +1,4 @@
-"""Drop-in on models nobody here wrote: transformers (BERT, GPT-2, ViT, ResNet, Whisper encoder), PyTorch's
+"""Drop-in on models nobody here wrote: transformers (BERT, GPT-2, ViT, ResNet, Whisper encoder, Llama, T5), PyTorch's
 own TransformerEncoder and MultiheadAttention, and every conv/embedding kind. Random weights from tiny
 configs; nothing is downloaded."""
 import warnings
@@ -78,10 +78,19 @@ def make(name):
         cfg = tf.WhisperConfig(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=24,
                                num_mel_bins=8, max_source_positions=8, dropout=0.0)
         return WhisperEncoder(cfg), {"input_features": torch.randn(2, 8, 16)}
+    if name == "llama":  # RMSNorm, rotary positions, grouped-query attention, untied head
+        cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+        return tf.LlamaForCausalLM(cfg), {"input_ids": torch.randint(0, 50, (2, 7))}
+    if name == "t5":  # encoder-decoder, relative attention bias (an Embedding), tied embeddings
+        cfg = tf.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4, dropout_rate=0.0)
+        ids = torch.randint(0, 50, (2, 7))
+        return tf.T5ForConditionalGeneration(cfg), {"input_ids": ids, "decoder_input_ids": ids}
     raise KeyError(name)
 
 
-MODELS = ["torch_transformer_encoder", "embedding_mha", "all_convs", "bert", "gpt2", "vit", "resnet", "whisper_encoder"]
+MODELS = ["torch_transformer_encoder", "embedding_mha", "all_convs", "bert", "gpt2", "vit", "resnet", "whisper_encoder",
+          "llama", "t5"]
 
 
 def output(y):
