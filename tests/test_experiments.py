@@ -330,3 +330,46 @@ def test_budget_study_tiny(tmp_path):
 
         plots.budget(agg, str(tmp_path / "budget.png"))
         assert (tmp_path / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_tiny_and_its_seed_summary(tmp_path):
+    """The sweep picks the best of each grid by mean PSNR, its levers start from the ZFDA winner, and the
+    multi-seed summary compares each lever with its own seed's reference."""
+    pytest.importorskip("skimage")
+    import copy
+
+    from sparse_sam.experiments import sweep as S
+
+    p = replace(PRESETS["ci"], sizes=dict(n_orig_train=128, n_orig_test=32, n_dom_train=64, n_dom_test=32),
+                pretrain=replace(PRESETS["ci"].pretrain, epochs=2), da=replace(PRESETS["ci"].da, epochs=1),
+                zfda=replace(PRESETS["ci"].zfda, epochs=1))
+    rep = S.run_sweep(p, out=str(tmp_path), progress=False, cache_dir=str(tmp_path / "cache"), domains=("VH",))
+    assert [r["config"]["lr"] for r in rep["da"][:-1]] == list(S.DA_LRS)
+    assert rep["da_best"] == max(rep["da"], key=lambda r: r["mean"])["config"]
+    for stage in rep["zfda"]:
+        assert stage["best"] == max(stage["rows"], key=lambda r: r["mean"])["config"][stage["field"]]
+        assert rep["zfda_best"][stage["field"]] == stage["best"]
+    assert [r["name"] for r in rep["levers"]] == list(S.lever_rows(M.ZFDAConfig(**rep["zfda_best"])))
+    assert rep["levers"][0]["config"] == rep["zfda_best"]
+    assert rep["da_2x_epochs"]["config"]["epochs"] == 2 * rep["zfda_best"]["epochs"]
+    assert (tmp_path / "tables.md").read_text() == S.sweep_md(rep)
+
+    rep2 = copy.deepcopy(rep)
+    rep2["seed"] = 1
+    cosine = next(r for r in rep2["levers"] if r["name"] == "cosine schedule")
+    cosine["mean"] += 0.5
+    rep2["da_reference"]["mean"] -= 0.25
+    agg = S.aggregate_sweep([rep, rep2])
+    lev = {r["name"]: r for r in agg["levers"]}
+    d0 = next(r for r in rep["levers"] if r["name"] == "cosine schedule")["mean"] - rep["levers"][0]["mean"]
+    assert lev["cosine schedule"]["delta"]["values"] == pytest.approx([d0, d0 + 0.5])
+    assert lev["tuned (reference)"]["delta"]["values"] == [0.0, 0.0]
+    g0 = rep["levers"][0]["mean"] - rep["da_reference"]["mean"]
+    assert lev["tuned (reference)"]["gap"]["values"] == pytest.approx([g0, g0 + 0.25])
+    g2x = next(r for r in rep["levers"] if r["name"] == "2× epochs")["mean"] - rep["da_2x_epochs"]["mean"]
+    assert lev["2× epochs"]["gap"]["values"] == pytest.approx([g2x, g2x])
+    md = S.sweep_seeds_md(agg)
+    assert f"{d0 + 0.25:+.2f} ± {math.sqrt(0.125):.2f}" in md and "| 1 | lr " in md
+    rep2["levers"] = rep2["levers"][::-1]
+    with pytest.raises(ValueError, match="different levers"):
+        S.aggregate_sweep([rep, rep2])

@@ -672,12 +672,15 @@ def main(argv=None) -> int:
     out = a.out or os.path.join("results", a.preset)
     cache_dir = None if a.no_cache else default_cache_dir()
     if a.preset == "sweep":
-        from .sweep import run_sweep, sweep_md
+        from .sweep import aggregate_sweep, run_sweep, sweep_md, sweep_seeds_md
 
+        reps = []
         for s in seeds:
-            rep = run_sweep(PRESETS["quick"], a.data, a.root, out if len(seeds) == 1 else os.path.join(out, f"seed{s}"),
-                            s, a.device, not a.no_progress, a.link, cache_dir)
-            print(sweep_md(rep))
+            reps.append(run_sweep(PRESETS["quick"], a.data, a.root, out if a.seeds is None else os.path.join(out, f"seed{s}"),
+                                  s, a.device, not a.no_progress, a.link, cache_dir))
+            print(sweep_md(reps[-1]))
+        if a.seeds is not None:
+            _write_seeds(out, "sweep_seeds.json", aggregate_sweep(reps), sweep_seeds_md)
         return 0
     if a.preset == "budget":
         from .sweep import aggregate_budget, budget_md, budget_seeds_md, run_budget

@@ -14,7 +14,8 @@ Runs on the quick preset's data and pre-trained model (shared through the cache)
    ``reproduce`` and are not repeated here.
 
 A setting's score is the mean domain-test PSNR over the four domains (seed ``seed``). Writes
-``sweep.json`` (every number, the winners) and ``tables.md``.
+``sweep.json`` (every number, the winners) and ``tables.md``; with ``--seeds 0,1,2``, one folder per
+seed and the summary ``seeds.md`` / ``sweep_seeds.json`` (:func:`aggregate_sweep`).
 
     python -m sparse_sam.experiments.reproduce --preset budget --out results/budget
 
@@ -33,7 +34,8 @@ from .data import load_data
 from .domains import DOMAINS
 
 __all__ = ["BUDGET_GRID", "DA_LRS", "ZFDA_LR_DELTA", "ZFDA_LR_SCORES", "ZFDA_INIT_SCALE", "aggregate_budget",
-           "budget_md", "budget_seeds_md", "lever_rows", "run_budget", "run_sweep", "sweep_md"]
+           "aggregate_sweep", "budget_md", "budget_seeds_md", "lever_rows", "run_budget", "run_sweep", "sweep_md",
+           "sweep_seeds_md"]
 
 DA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 ZFDA_LR_DELTA = (1e-3, 3e-3, 1e-2)
@@ -193,6 +195,80 @@ def sweep_md(rep: dict) -> str:
           + _cells(rep["da_2x_epochs"], doms).replace(" | ", ", ") + ".", ""]
     return "\n".join(L)
 
+
+
+def _lever_da_mean(rep: dict, name: str) -> float:
+    """The DA mean a lever row is compared with: DA at the lever's epochs."""
+    return rep["da_2x_epochs"]["mean"] if name == "2× epochs" else rep["da_reference"]["mean"]
+
+
+def aggregate_sweep(reports: list[dict]) -> dict:
+    """Mean ± sample std over :func:`run_sweep` reports of different seeds (same domains).
+
+    Each seed's sweep picks its own winners, and its levers start from its own winner, so the lever
+    rows compare within a seed: ``delta`` is a lever's mean PSNR minus that seed's tuned reference,
+    ``gap`` its mean minus that seed's DA at the same epochs. Returns ``{"seeds", "domains", "preset",
+    "wall_s", "winners": [{"seed", "da": {...}, "zfda": {...}}], "da": [{"label", "mean": ms}],
+    "levers": [{"name", "delta": ms, "gap": ms, "domains": {domain: ms}}], "da_reference": ms}`` with
+    ``ms = {"mean", "std", "values"}``.
+    """
+    from .reproduce import _mean_std
+
+    doms = reports[0]["domains"]
+    out: dict = {"seeds": [r["seed"] for r in reports], "domains": doms, "preset": reports[0]["preset"],
+                 "wall_s": [r["wall_s"] for r in reports],
+                 "winners": [{"seed": r["seed"], "da": r["da_best"], "zfda": r["zfda_best"]} for r in reports]}
+    out["da"] = [{"label": f"lr {row['config']['lr']:g}, {row['config']['schedule']}",
+                  "mean": _mean_std(r["da"][i]["mean"] for r in reports)}
+                 for i, row in enumerate(reports[0]["da"][:-1])]  # the cosine row's rate differs by seed
+    out["da"].append({"label": "best rate, cosine", "mean": _mean_std(r["da"][-1]["mean"] for r in reports)})
+    out["da_reference"] = _mean_std(r["da_reference"]["mean"] for r in reports)
+    out["levers"] = []
+    for i, lever in enumerate(reports[0]["levers"]):
+        rows = [r["levers"][i] for r in reports]
+        if any(row["name"] != lever["name"] for row in rows):
+            raise ValueError(f"the reports list different levers at row {i}")
+        out["levers"].append({
+            "name": lever["name"],
+            "delta": _mean_std(row["mean"] - r["levers"][0]["mean"] for row, r in zip(rows, reports)),
+            "gap": _mean_std(row["mean"] - _lever_da_mean(r, row["name"]) for row, r in zip(rows, reports)),
+            "domains": {c: _mean_std(row["domains"][c]["psnr"] for row in rows) for c in doms}})
+    return out
+
+
+def sweep_seeds_md(agg: dict) -> str:
+    """Markdown of :func:`aggregate_sweep`: the winners per seed, the DA sweep and the lever table with
+    mean ± sample std over the seeds."""
+    doms = agg["domains"]
+
+    def ms(x, signed=False):
+        return f"{x['mean']:+.2f} ± {x['std']:.2f}" if signed else f"{x['mean']:.2f} ± {x['std']:.2f}"
+
+    def per_seed(x):
+        return ", ".join(f"{v:+.2f}" for v in x["values"])
+
+    L = [f"# Sweeps — preset `{agg['preset']}`, seeds {', '.join(map(str, agg['seeds']))}: mean ± sample std "
+         "over the seeds", "",
+         "Per seed: OUT/seed<N>/tables.md. Each seed's sweep picks its own winners on its own test sets, and its "
+         "levers start from its own winner.", "",
+         "## Winners per seed", "", "| seed | baseline DA | ZFDA |", "|---|---|---|"]
+    for w in agg["winners"]:
+        d, z = w["da"], w["zfda"]
+        L.append(f"| {w['seed']} | lr {d['lr']:g}, {d['schedule']}, {d['epochs']} epochs | α_v = {z['lr_delta']:g}, "
+                 f"α_s = {z['lr_scores']:g}, score init scale {z['score_init_scale']:g}, {z['epochs']} epochs |")
+    L += ["", "## Baseline DA: mean domain PSNR (dB)", "", "| setting | mean ± std |", "|---|---|"]
+    L += [f"| {r['label']} | {ms(r['mean'])} |" for r in agg["da"]]
+    L += ["", "## ZFDA levers (one change at a time from each seed's winner)", "",
+          "| lever | " + " | ".join(doms) + " | Δ mean vs tuned | per seed | mean ZFDA − DA | per seed |",
+          "|---|" + "---|" * (len(doms) + 4)]
+    for r in agg["levers"]:
+        L.append(f"| {r['name'].replace('|', chr(92) + '|')} | "
+                 + " | ".join(ms(r["domains"][c]) for c in doms)
+                 + f" | {ms(r['delta'], True)} | {per_seed(r['delta'])} | {ms(r['gap'], True)} | {per_seed(r['gap'])} |")
+    L += ["", f"Baseline DA at each seed's best setting: {ms(agg['da_reference'])} dB (mean over domains); the "
+          "2× epochs lever is compared with DA at 2× epochs.", "",
+          "Wall time per seed: " + ", ".join(f"{s:.0f} s" for s in agg["wall_s"]) + ".", ""]
+    return "\n".join(L)
 
 # ------------------------------------------------------------------------------------- budget study
 #: ZFDA budgets per base width: at the quick preset's width a γ grid; at width 32 (the paper preset's
