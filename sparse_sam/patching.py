@@ -380,46 +380,42 @@ def _mirror_flags(tx: _Transaction, frozen: list[tuple[nn.Module, list[nn.Parame
     runs (tied or nested), and the forward hook runs even when the forward raises, so the weights are
     frozen again whatever happens.
     """
-    if not frozen:
-        return
     lock = threading.Lock()
-    depth: dict[int, int] = {}
-    entered: dict[int, list[bool]] = {}
+    depth: dict[int, int] = {}  # id(Parameter) -> forwards now running with its flag given back
 
-    def pre(mod, args):
-        on = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        with lock:
-            entered.setdefault(id(mod), []).append(on)
-            if on:
-                for p in mod._sparse_sam_frozen:
-                    depth[id(p)] = depth.get(id(p), 0) + 1
-                    if depth[id(p)] == 1:
-                        p.requires_grad_(True)
+    def hooks(ps: list[nn.Parameter]):
+        entered: list[bool] = []  # per call of this module, outermost first: whether it gave the flags back
 
-    def post(mod, args, out):
-        with lock:
-            stack = entered.get(id(mod))
-            if not stack or not stack.pop():
-                return
-            for p in mod._sparse_sam_frozen:
-                depth[id(p)] -= 1
-                if depth[id(p)] == 0:
-                    del depth[id(p)]
-                    p.requires_grad_(False)
+        def pre(mod, args):
+            on = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            with lock:
+                entered.append(on)
+                if on:
+                    for p in ps:
+                        depth[id(p)] = depth.get(id(p), 0) + 1
+                        if depth[id(p)] == 1:
+                            p.requires_grad_(True)
+
+        def post(mod, args, out):
+            with lock:
+                if not entered or not entered.pop():
+                    return
+                for p in ps:
+                    depth[id(p)] -= 1
+                    if depth[id(p)] == 0:
+                        del depth[id(p)]
+                        p.requires_grad_(False)
+
+        return pre, post
 
     for m, ps in frozen:
-        hooks = []
+        pre, post = hooks(ps)
+        handles = []
 
-        def add(m=m, ps=ps, hooks=hooks):
-            m.__dict__["_sparse_sam_frozen"] = ps
-            hooks.extend((m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)))
+        def add(m=m, pre=pre, post=post, handles=handles):
+            handles.extend((m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)))
 
-        def remove(m=m, hooks=hooks):
-            for h in hooks:
-                h.remove()
-            m.__dict__.pop("_sparse_sam_frozen", None)
-
-        tx.step("flags", add, remove)
+        tx.step("flags", add, lambda handles=handles: [h.remove() for h in handles])
 
 
 def _as_config(config, kwargs) -> SAMConfig:
