@@ -563,6 +563,16 @@ def _mean_std(xs) -> dict:
     return {"mean": m, "std": sd, "values": xs}
 
 
+def _pm(ms: dict, signed: bool = False) -> str:
+    """``mean ± std`` of a :func:`_mean_std` summary, 2 decimals (``signed``: the mean with its sign)."""
+    return f"{ms['mean']:{'+' if signed else ''}.2f} ± {ms['std']:.2f}"
+
+
+def _per_seed(ms: dict) -> str:
+    """The per-seed values of a :func:`_mean_std` summary, signed, 2 decimals."""
+    return ", ".join(f"{v:+.2f}" for v in ms["values"])
+
+
 def aggregate_seeds(reports: list[dict]) -> dict:
     """Mean ± sample std over runs of one preset with different seeds: pre-trained PSNR, per domain
     un-adapted / baseline DA / ZFDA / ZFDA − DA, the Fig. 4 ablation gains and the misalignment drops."""
@@ -602,25 +612,23 @@ def aggregate_seeds(reports: list[dict]) -> dict:
 
 def seeds_md(agg: dict) -> str:
     """The Markdown summary of :func:`aggregate_seeds`."""
-    ms = lambda d: f"{d['mean']:.2f} ± {d['std']:.2f}"  # noqa: E731
     L = [f"# ZFDA reproduction — preset `{agg['preset']}`, seeds {', '.join(map(str, agg['seeds']))}, "
          f"link `{agg['link']}`: mean ± std (sample std over seeds)", "",
-         f"Pre-trained (aligned) PSNR: {ms(agg['aligned'])} dB; last pre-training epoch "
+         f"Pre-trained (aligned) PSNR: {_pm(agg['aligned'])} dB; last pre-training epoch "
          f"{agg['pretrain_last_epoch_gain_db']['mean']:+.3f} ± {agg['pretrain_last_epoch_gain_db']['std']:.3f} dB.", "",
          "| domain | un-adapted | baseline DA | ZFDA | ZFDA − DA | per seed ZFDA − DA |", "|---|---|---|---|---|---|"]
     for c, d in agg["domains"].items():
-        L.append(f"| {c} | {ms(d['unadapted'])} | {ms(d['baseline_da'])} | {ms(d['zfda'])} | "
-                 f"{d['zfda_minus_da']['mean']:+.2f} ± {d['zfda_minus_da']['std']:.2f} | "
-                 + ", ".join(f"{v:+.2f}" for v in d["zfda_minus_da"]["values"]) + " |")
+        L.append(f"| {c} | {_pm(d['unadapted'])} | {_pm(d['baseline_da'])} | {_pm(d['zfda'])} | "
+                 f"{_pm(d['zfda_minus_da'], True)} | {_per_seed(d['zfda_minus_da'])} |")
     a = agg["ablation"]
     L += ["", "| Fig. 4 ablation (mean over domains and γ) | mean ± std | per seed | paper |", "|---|---|---|---|",
-          f"| optimised − fixed mask | {a['optimised_minus_fixed_db']['mean']:+.2f} ± {a['optimised_minus_fixed_db']['std']:.2f} dB"
-          f" | {', '.join(f'{v:+.2f}' for v in a['optimised_minus_fixed_db']['values'])} | +0.73 dB |",
-          f"| linear − uniform allocation | {a['linear_minus_uniform_db']['mean']:+.2f} ± {a['linear_minus_uniform_db']['std']:.2f} dB"
-          f" | {', '.join(f'{v:+.2f}' for v in a['linear_minus_uniform_db']['values'])} | +1.13 dB |",
+          f"| optimised − fixed mask | {_pm(a['optimised_minus_fixed_db'], True)} dB"
+          f" | {_per_seed(a['optimised_minus_fixed_db'])} | +0.73 dB |",
+          f"| linear − uniform allocation | {_pm(a['linear_minus_uniform_db'], True)} dB"
+          f" | {_per_seed(a['linear_minus_uniform_db'])} | +1.13 dB |",
           "", "| misalignment drop (mean over domains) | mean ± std |", "|---|---|"]
     for side, d in agg["misalignment_drop_db"].items():
-        L.append(f"| {side.upper()} adapted | {ms(d)} dB |")
+        L.append(f"| {side.upper()} adapted | {_pm(d)} dB |")
     L += ["", "Checks (a)–(e) per seed: " + "; ".join(f"{k}: {v}" for k, v in agg["checks_required_hold"].items()),
           f"(f) ZFDA within {ZFDA_GOAL_DB} dB of DA in every domain, per seed: {agg['f_zfda_within_goal']}",
           "Wall time per seed: " + ", ".join(f"{w:.0f} s" for w in agg["wall_s"]), ""]

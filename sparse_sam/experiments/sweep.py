@@ -188,7 +188,7 @@ def sweep_md(rep: dict) -> str:
           "|---|" + "---|" * (len(doms) + 3)]
     ref = rep["levers"][0]["mean"]
     for r in rep["levers"]:
-        da_mean = rep["da_2x_epochs"]["mean"] if r["name"] == "2× epochs" else rep["da_reference"]["mean"]
+        da_mean = _lever_da_mean(rep, r["name"])
         L.append(f"| {r['name'].replace('|', chr(92) + '|')} | " + _cells(r, doms) + f" | {r['mean'] - ref:+.2f} | {r['mean'] - da_mean:+.2f} |")
     L += ["", f"Baseline DA at its best setting: " + _cells(rep["da_reference"], doms).replace(" | ", ", ")
           + f"; with 2× epochs ({rep['da_2x_epochs']['config']['epochs']}): "
@@ -239,14 +239,10 @@ def aggregate_sweep(reports: list[dict]) -> dict:
 def sweep_seeds_md(agg: dict) -> str:
     """Markdown of :func:`aggregate_sweep`: the winners per seed, the DA sweep and the lever table with
     mean ± sample std over the seeds."""
+    from .reproduce import _per_seed as per_seed
+    from .reproduce import _pm as ms
+
     doms = agg["domains"]
-
-    def ms(x, signed=False):
-        return f"{x['mean']:+.2f} ± {x['std']:.2f}" if signed else f"{x['mean']:.2f} ± {x['std']:.2f}"
-
-    def per_seed(x):
-        return ", ".join(f"{v:+.2f}" for v in x["values"])
-
     L = [f"# Sweeps — preset `{agg['preset']}`, seeds {', '.join(map(str, agg['seeds']))}: mean ± sample std "
          "over the seeds", "",
          "Per seed: OUT/seed<N>/tables.md. Each seed's sweep picks its own winners on its own test sets, and its "
@@ -388,6 +384,8 @@ def aggregate_budget(reports: list[dict]) -> dict:
 
 def budget_seeds_md(agg: dict) -> str:
     """Markdown of :func:`aggregate_budget`: ZFDA − DA per width, γ and domain, mean ± std over seeds."""
+    from .reproduce import _pm
+
     doms = agg["domains"]
     L = [f"# Budget study — preset `{agg['preset']}`, seeds {', '.join(map(str, agg['seeds']))}: ZFDA − DA (dB), "
          "mean ± sample std over the seeds", "",
@@ -397,11 +395,11 @@ def budget_seeds_md(agg: dict) -> str:
          "|---|---|---|" + "---|" * (len(doms) + 2)]
     for w, e in agg["widths"].items():
         L.append(f"| {w} | *DA PSNR* | {e['params']:,} | "
-                 + " | ".join(f"*{e['da'][c]['mean']:.2f} ± {e['da'][c]['std']:.2f}*" for c in doms) + " | | |")
+                 + " | ".join(f"*{_pm(e['da'][c])}*" for c in doms) + " | | |")
         for g, z in e["zfda"].items():
             ok = z["all_within_0.3"]
             L.append(f"| {w} | {float(g):.2%} | {z['entries']:,} | "
-                     + " | ".join(f"{z['gap'][c]['mean']:+.2f} ± {z['gap'][c]['std']:.2f}" for c in doms)
-                     + f" | {z['gap_mean']['mean']:+.2f} ± {z['gap_mean']['std']:.2f} | {sum(ok)} of {len(ok)} |")
+                     + " | ".join(_pm(z["gap"][c], True) for c in doms)
+                     + f" | {_pm(z['gap_mean'], True)} | {sum(ok)} of {len(ok)} |")
     L += ["", "Wall time per seed: " + ", ".join(f"{s:.0f} s" for s in agg["wall_s"]) + ".", ""]
     return "\n".join(L)
